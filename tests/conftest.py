@@ -1,0 +1,256 @@
+"""Shared test fixtures: tiny configs, reference-model builders, a tiny CLIP vocabulary, assert_close.
+
+The reference libraries (diffusers, transformers) are imported only inside tests: they are the oracles
+our from-scratch modules are compared with, never dependencies of the product.
+"""
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the product is flat modules at the repository root
+
+# The real CLIP-L/14 vocabulary with the amused special-token files. CI has it; a user's clone does not.
+SHARED_TOKENIZER = ROOT.parent / "shared" / "clip-tokenizer"
+needs_shared_tokenizer = pytest.mark.skipif(
+    not (SHARED_TOKENIZER / "vocab.json").exists(), reason="../shared/clip-tokenizer/ is not present"
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tiny configs, as keyword arguments of the reference classes. Their widths chain like the official ones:
+# CLIP hidden -> U-ViT encoder_hidden_size, CLIP projection -> U-ViT cond_embed_dim,
+# U-ViT codebook_size == VQ num_vq_embeddings, U-ViT vocab_size - 1 == the mask token id.
+
+TINY_CLIP = dict(  # transformers.CLIPTextConfig
+    vocab_size=49408,  # room for the real vocabulary's ids, so any tokenizer folder works with it
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=24,
+    bos_token_id=0,  # the legacy ids of the hub config: eos_token_id == 2 selects the argmax pooling
+    eos_token_id=2,
+    pad_token_id=1,
+)
+
+# The hub config of amused-256/512 text_encoder/ (../shared/docs/hub-checkpoints.md §2.3).
+FULL_CLIP = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    projection_dim=768,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+
+TINY_UVIT = dict(  # diffusers.UVit2DModel
+    hidden_size=64,
+    use_bias=False,
+    hidden_dropout=0.0,
+    cond_embed_dim=24,  # == TINY_CLIP projection_dim
+    micro_cond_encode_dim=8,
+    micro_cond_embed_dim=40,  # 5 micro-conditions x micro_cond_encode_dim
+    encoder_hidden_size=32,  # == TINY_CLIP hidden_size
+    vocab_size=72,  # codebook + 8 spare ids; the last one is the mask token, as in the official 8256 = 8192 + 64
+    codebook_size=64,
+    in_channels=32,
+    block_out_channels=32,
+    num_res_blocks=2,
+    downsample=True,
+    upsample=True,
+    block_num_heads=2,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    attention_dropout=0.0,
+    intermediate_size=96,
+    layer_norm_eps=1e-6,
+    ln_elementwise_affine=True,
+    sample_size=8,
+)
+
+TINY_VQ = dict(  # diffusers.VQModel, amused-style (no mid-block attention, codebook lookup, force_upcast)
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(16, 32, 32),  # 2 downsamplings: 4 px per token
+    layers_per_block=1,
+    act_fn="silu",
+    latent_channels=8,
+    sample_size=32,
+    num_vq_embeddings=64,  # == TINY_UVIT codebook_size
+    norm_num_groups=8,
+    mid_block_add_attention=False,
+    lookup_from_codebook=True,
+    force_upcast=True,
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Comparing tensors
+
+
+def assert_nontrivial(name, t):
+    """A parity test between two broken outputs passes too: insist on finite, non-constant values."""
+    t = t.detach().float()
+    assert torch.isfinite(t).all(), f"{name}: contains NaN or inf"
+    assert t.numel() > 1 and t.std() > 0, f"{name}: constant tensor ({t.flatten()[:1].tolist()})"
+
+
+def assert_close(name, ours, ref, atol, rtol=0.0):
+    """Assert |ours - ref| <= atol + rtol * |ref| everywhere; print max/mean abs diff either way."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
+    assert_nontrivial(f"{name} (reference)", ref)
+    assert_nontrivial(f"{name} (ours)", ours)
+    ours, ref = ours.detach().double(), ref.detach().double()
+    diff = (ours - ref).abs()
+    print(f"{name}: max abs diff {diff.max().item():.3e}, mean {diff.mean().item():.3e} "
+          f"(ref abs max {ref.abs().max().item():.3e}, atol {atol:.1e}, rtol {rtol:.1e})")
+    bad = diff > atol + rtol * ref.abs()
+    if bad.any():
+        i = bad.flatten().nonzero()[:5, 0]
+        raise AssertionError(
+            f"{name}: {bad.sum().item()} of {bad.numel()} values out of tolerance; max abs diff "
+            f"{diff.max().item():.3e}; first ours {ours.flatten()[i].tolist()} vs ref {ref.flatten()[i].tolist()}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference models
+
+
+@torch.no_grad()
+def perturb_(module, seed=0, rel=0.1):
+    """Add noise to every parameter, norms and biases included, so that a weight we forget to load (a norm
+    left at ones, a bias left at zero) changes the output. Noise is `rel` x the tensor's own std (or `rel`
+    for constant tensors such as fresh norm weights)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        std = p.float().std().item() if p.numel() > 1 else 0.0
+        scale = rel * (std if std > 0 else 1.0)
+        p.add_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+    return module
+
+
+def save_reference(model, root, subfolder, **kwargs):
+    """Save a diffusers/transformers model with save_pretrained: the exact hub layout and key names."""
+    path = Path(root) / subfolder
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# A tiny CLIP-style BPE vocabulary, trained here, so that tokenizer tests run without ../shared/.
+
+
+def bytes_to_unicode():
+    """GPT-2/CLIP's byte -> printable character table, in CLIP's order ("!" first, so "!" gets id 0)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+TINY_CORPUS = (
+    "a photo of a cat sitting on the table . a painting of a dog in the park , oil on canvas . "
+    "an astronaut riding a horse on the moon ! a bowl of fruit , still life , high quality , 4k . "
+    "the quick brown fox jumps over the lazy dog . portrait of a woman with a red hat , watercolor . "
+    "mountains at sunset , landscape photography , trending on artstation . cyberpunk city at night "
+)
+
+
+def write_tiny_tokenizer(folder, n_merges=300):
+    """Write vocab.json, merges.txt and the amused special-token files (pad "!") for a BPE trained on
+    TINY_CORPUS, in CLIP's layout: 256 byte symbols, the same with "</w>", one entry per merge, then
+    <|startoftext|> and <|endoftext|>."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    b2u = bytes_to_unicode()
+    words = Counter(TINY_CORPUS.split())
+    # each word as a tuple of byte symbols, the last one carrying the end-of-word suffix
+    seqs = {w: tuple(b2u[b] for b in w.encode())[:-1] + (b2u[w.encode()[-1]] + "</w>",) for w in words}
+    merges = []
+    for _ in range(n_merges):
+        pairs = Counter()
+        for w, s in seqs.items():
+            for pair in zip(s, s[1:]):
+                pairs[pair] += words[w]
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))  # ties broken deterministically
+        merges.append(best)
+        for w, s in seqs.items():
+            out, i = [], 0
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
+                    out.append(s[i] + s[i + 1])
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            seqs[w] = tuple(out)
+    symbols = list(b2u.values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab_list = list(dict.fromkeys(vocab_list)) + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        text = AMUSED_TOKENIZER_FILES[name]
+        for real, tiny in (("49406", str(vocab["<|startoftext|>"])), ("49407", str(vocab["<|endoftext|>"]))):
+            text = text.replace(f'"{real}"', f'"{tiny}"')
+        (folder / name).write_text(text)
+    return folder
+
+
+# The amused-256 hub tokenizer's special-token files (../shared/docs/hub-checkpoints.md §2.4-2.5).
+_TOKEN = '{{"content": "{}", "lstrip": false, "normalized": {}, "rstrip": false, "single_word": false{}}}'
+AMUSED_TOKENIZER_FILES = {
+    "special_tokens_map.json": json.dumps({
+        "bos_token": json.loads(_TOKEN.format("<|startoftext|>", "true", "")),
+        "eos_token": json.loads(_TOKEN.format("<|endoftext|>", "true", "")),
+        "pad_token": json.loads(_TOKEN.format("!", "false", "")),
+        "unk_token": json.loads(_TOKEN.format("<|endoftext|>", "true", "")),
+    }, indent=2),
+    "tokenizer_config.json": json.dumps({
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            "0": json.loads(_TOKEN.format("!", "false", ', "special": true')),
+            "49406": json.loads(_TOKEN.format("<|startoftext|>", "true", ', "special": true')),
+            "49407": json.loads(_TOKEN.format("<|endoftext|>", "true", ', "special": true')),
+        },
+        "bos_token": "<|startoftext|>",
+        "clean_up_tokenization_spaces": True,
+        "do_lower_case": True,
+        "eos_token": "<|endoftext|>",
+        "errors": "replace",
+        "model_max_length": 77,
+        "pad_token": "!",
+        "tokenizer_class": "CLIPTokenizer",
+        "unk_token": "<|endoftext|>",
+    }, indent=2),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
