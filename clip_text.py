@@ -1,0 +1,275 @@
+"""clip_text.py: the text side of aMUSEd. CLIP's BPE tokenizer and the CLIP-L/14 text transformer.
+
+aMUSEd (arXiv 2401.01808, §3) conditions its U-ViT on OpenAI's CLIP ViT-L/14 text tower (Radford et al.
+2021) through two tensors:
+  - the hidden states of the *penultimate* layer, (B, 77, 768), not final-normed: cross-attention context;
+  - the projected pooled embedding, (B, 768): the final-normed state at the end-of-text token, times
+    text_projection; it joins the micro-conditioning vector.
+
+Matches transformers' CLIPTokenizer and CLIPTextModelWithProjection numerically (tests/test_clip_text.py).
+State-dict keys are those of CLIPTextModelWithProjection, so loading a hub `text_encoder/` folder is the
+identity map (see convert_weights.py).
+"""
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+
+@dataclass(frozen=True)
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768
+    # Matches reference: transformers CLIPTextTransformer. The legacy value 2 (which the amused hub configs
+    # carry) means "pool at argmax(input_ids)", i.e. at <|endoftext|>, the largest id in CLIP's vocabulary.
+    eos_token_id: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+# amused-256 and amused-512 both ship a CLIP ViT-L/14 text encoder with projection (hub text_encoder/config.json).
+PRESETS = {
+    "clip-vit-large-patch14": CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        layer_norm_eps=1e-5,
+        projection_dim=768,
+        eos_token_id=2,
+    ),
+}
+
+# Values of a transformers CLIPTextConfig that this file hard-codes rather than reads.
+FIXED_HUB_CONFIG = {"hidden_act": "quick_gelu", "attention_dropout": 0.0, "dropout": 0.0}
+
+
+def config_from_hub(d: dict) -> CLIPTextConfig:
+    """Our config from a transformers `text_encoder/config.json` dict; ValueError for what we don't implement."""
+    for key, value in FIXED_HUB_CONFIG.items():
+        if d.get(key, value) != value:
+            raise ValueError(f"text encoder config: {key}={d[key]!r} is not supported (only {value!r})")
+    fields = CLIPTextConfig.__dataclass_fields__
+    missing = [k for k in fields if k not in d]
+    if missing:
+        raise ValueError(f"text encoder config: missing keys {missing}")
+    return CLIPTextConfig(**{k: d[k] for k in fields})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+# CLIP's pre-tokenization split (openai/CLIP simple_tokenizer.py), as transformers writes it.
+SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found; a CLIP tokenizer folder holds {', '.join(TOKENIZER_FILES)}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); re-download the tokenizer folder") from e
+
+
+def _token_content(entry) -> str:
+    """Special tokens are written either as a plain string or as an AddedToken dict."""
+    return entry["content"] if isinstance(entry, dict) else entry
+
+
+class CLIPTokenizer:
+    """CLIP's byte-level BPE, built on the `tokenizers` library from a hub `tokenizer/` folder.
+
+    tokenizer(prompts) -> (B, 77) long ids: <|startoftext|> prompt-tokens <|endoftext|> pad pad ...
+    Same ids as transformers.CLIPTokenizer(..., padding="max_length", truncation=True, max_length=77).
+    """
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        vocab = _read_json(folder / "vocab.json")
+        merges_path = folder / "merges.txt"
+        if not merges_path.is_file():
+            raise FileNotFoundError(f"{merges_path}: file not found; a CLIP tokenizer folder holds {', '.join(TOKENIZER_FILES)}")
+        try:  # one merge per line, "a b"; the first line is a "#version" header
+            lines = merges_path.read_text(encoding="utf-8").splitlines()
+            merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{merges_path}: unreadable ({e}); re-download the tokenizer folder") from e
+        if bad := next((m for m in merges if len(m) != 2), None):
+            raise ValueError(f"{merges_path}: malformed merge line {' '.join(bad)!r}; expected two symbols")
+        specials = _read_json(folder / "special_tokens_map.json")
+        config = _read_json(folder / "tokenizer_config.json")
+
+        def special(name, default):
+            return _token_content(config.get(name) or specials.get(name) or default)
+
+        self.bos_token = special("bos_token", "<|startoftext|>")
+        self.eos_token = special("eos_token", "<|endoftext|>")
+        # Matches reference: the pad token is whatever the checkpoint names. amused pads with "!" (id 0), not
+        # <|endoftext|>; since the U-ViT attends to all 77 positions, the pad id changes its input.
+        self.pad_token = special("pad_token", self.eos_token)
+        self.unk_token = special("unk_token", "<|endoftext|>")
+        self.max_length = int(config.get("model_max_length", 77))
+        for tok in (self.bos_token, self.eos_token, self.pad_token, self.unk_token):
+            if tok not in vocab:
+                raise ValueError(f"{folder / 'vocab.json'}: special token {tok!r} is not in the vocabulary")
+        self.bos_id, self.eos_id, self.pad_id = vocab[self.bos_token], vocab[self.eos_token], vocab[self.pad_token]
+
+        # Matches reference: transformers' CLIPTokenizer (v5). NFC, whitespace runs -> " ", lower-case; CLIP's
+        # regex split; byte-level symbols; BPE with "</w>" marking the end of each word.
+        tok = Tokenizer(BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", continuing_subword_prefix="",
+                            unk_token=self.unk_token, fuse_unk=False))
+        tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                               normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        # Matches reference: the special tokens are "added tokens", matched in the raw text before BPE. So with
+        # the amused files every "!" in a prompt becomes the pad id 0, exactly as in diffusers' pipelines.
+        added = config.get("added_tokens_decoder") or {
+            vocab[t]: {"content": t} for t in dict.fromkeys((self.pad_token, self.bos_token, self.eos_token, self.unk_token))
+        }
+        tok.add_special_tokens([
+            AddedToken(e["content"], single_word=e.get("single_word", False), lstrip=e.get("lstrip", False),
+                       rstrip=e.get("rstrip", False), normalized=e.get("normalized", True), special=True)
+            for _, e in sorted(added.items(), key=lambda kv: int(kv[0]))
+        ])
+        self.tokenizer = tok
+
+    def __call__(self, prompts) -> torch.Tensor:
+        """prompts: a string or a list of strings -> (B, max_length) long ids."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a string or a list of strings, got {prompts!r:.80}")
+        n = self.max_length - 2  # room for <|startoftext|> and <|endoftext|>
+        rows = []
+        for prompt, enc in zip(prompts, self.tokenizer.encode_batch(list(prompts), add_special_tokens=False)):
+            ids = enc.ids
+            if len(ids) > n:  # truncate like the reference: the end-of-text token stays last
+                warnings.warn(f"prompt is {len(ids) + 2} tokens, longer than CLIP's {self.max_length}: "
+                              f"the last {len(ids) - n} were dropped ({prompt[:40]!r}...)", stacklevel=2)
+                ids = ids[:n]
+            ids = [self.bos_id] + ids + [self.eos_id]
+            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text encoder
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        D = cfg.hidden_size
+        self.n_heads = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, x):  # x: (B, N, D)
+        B, N, D = x.shape
+        q, k, v = (proj(x).view(B, N, self.n_heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, h, N, d); token i sees tokens <= i
+        return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        return self.fc2(x * torch.sigmoid(1.702 * x))  # quick-GELU, the activation OpenAI's CLIP was trained with
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+
+    def forward(self, x):  # pre-LN transformer block
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, ids):  # ids: (B, N)
+        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]  # (B, N, D)
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.embeddings = CLIPEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP's text tower with projection; module names mirror transformers' CLIPTextModelWithProjection."""
+
+    def __init__(self, cfg: CLIPTextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.text_model = CLIPTextTransformer(cfg)
+        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def forward(self, ids):
+        """ids: (B, N) long, N <= 77 -> (penultimate hidden states (B, N, D), projected pooled (B, P)).
+
+        The hidden states are the raw output of layer L-1 (transformers' hidden_states[-2]: not final-normed),
+        which is what aMUSEd cross-attends to. The pooled embedding is taken at the end-of-text token."""
+        if ids.dtype != torch.long or ids.dim() != 2:
+            raise ValueError(f"ids must be a (B, N) long tensor, got {tuple(ids.shape)} {ids.dtype}")
+        B, N = ids.shape
+        if N > self.cfg.max_position_embeddings:
+            raise ValueError(f"ids has {N} positions; CLIP has {self.cfg.max_position_embeddings}")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
+            raise ValueError(f"ids must lie in [0, {self.cfg.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        tm = self.text_model
+        x = tm.embeddings(ids)  # (B, N, D)
+        for layer in tm.encoder.layers[:-1]:
+            x = layer(x)
+        penultimate = x
+        x = tm.final_layer_norm(tm.encoder.layers[-1](x))  # (B, N, D)
+        if self.cfg.eos_token_id == 2:
+            # Matches reference: transformers' legacy rule. <|endoftext|> is the largest id, so argmax finds it.
+            eos = ids.argmax(dim=-1)  # (B,)
+        else:
+            eos = (ids == self.cfg.eos_token_id).int().argmax(dim=-1)  # first end-of-text position
+        pooled = x[torch.arange(B, device=x.device), eos]  # (B, D)
+        return penultimate, self.text_projection(pooled)  # (B, N, D), (B, P)
