@@ -80,13 +80,18 @@ SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json")
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found; a CLIP tokenizer folder holds {', '.join(TOKENIZER_FILES)}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable ({e}); re-download the tokenizer folder") from e
+def read_tokenizer_files(folder) -> dict[str, str]:
+    """The text of each of TOKENIZER_FILES in a hub `tokenizer/` folder; errors name the file."""
+    files = {}
+    for name in TOKENIZER_FILES:
+        path = Path(folder) / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: file not found; a CLIP tokenizer folder holds {', '.join(TOKENIZER_FILES)}")
+        try:
+            files[name] = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: unreadable ({e}); re-download the tokenizer folder") from e
+    return files
 
 
 def _token_content(entry) -> str:
@@ -95,27 +100,32 @@ def _token_content(entry) -> str:
 
 
 class CLIPTokenizer:
-    """CLIP's byte-level BPE, built on the `tokenizers` library from a hub `tokenizer/` folder.
+    """CLIP's byte-level BPE, built on the `tokenizers` library from the files of a hub `tokenizer/` folder.
 
     tokenizer(prompts) -> (B, 77) long ids: <|startoftext|> prompt-tokens <|endoftext|> pad pad ...
     Same ids as transformers.CLIPTokenizer(..., padding="max_length", truncation=True, max_length=77).
     """
 
-    def __init__(self, folder):
-        folder = Path(folder)
-        vocab = _read_json(folder / "vocab.json")
-        merges_path = folder / "merges.txt"
-        if not merges_path.is_file():
-            raise FileNotFoundError(f"{merges_path}: file not found; a CLIP tokenizer folder holds {', '.join(TOKENIZER_FILES)}")
-        try:  # one merge per line, "a b"; the first line is a "#version" header
-            lines = merges_path.read_text(encoding="utf-8").splitlines()
-            merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"{merges_path}: unreadable ({e}); re-download the tokenizer folder") from e
+    @classmethod
+    def from_folder(cls, folder) -> "CLIPTokenizer":
+        return cls(read_tokenizer_files(folder), source=Path(folder))
+
+    def __init__(self, files: dict[str, str], source: Path = Path("tokenizer")):
+        """files: file name -> text, for each of TOKENIZER_FILES; `source` names them in error messages."""
+
+        def parse_json(name):
+            try:
+                return json.loads(files[name])
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{source / name}: not valid JSON ({e}); re-download the tokenizer folder") from e
+
+        vocab = parse_json("vocab.json")
+        # one merge per line, "a b"; the first line is a "#version" header
+        merges = [tuple(line.split(" ")) for line in files["merges.txt"].splitlines() if line and not line.startswith("#version")]
         if bad := next((m for m in merges if len(m) != 2), None):
-            raise ValueError(f"{merges_path}: malformed merge line {' '.join(bad)!r}; expected two symbols")
-        specials = _read_json(folder / "special_tokens_map.json")
-        config = _read_json(folder / "tokenizer_config.json")
+            raise ValueError(f"{source / 'merges.txt'}: malformed merge line {' '.join(bad)!r}; expected two symbols")
+        specials = parse_json("special_tokens_map.json")
+        config = parse_json("tokenizer_config.json")
 
         def special(name, default):
             return _token_content(config.get(name) or specials.get(name) or default)
@@ -129,7 +139,7 @@ class CLIPTokenizer:
         self.max_length = int(config.get("model_max_length", 77))
         for tok in (self.bos_token, self.eos_token, self.pad_token, self.unk_token):
             if tok not in vocab:
-                raise ValueError(f"{folder / 'vocab.json'}: special token {tok!r} is not in the vocabulary")
+                raise ValueError(f"{source / 'vocab.json'}: special token {tok!r} is not in the vocabulary")
         self.bos_id, self.eos_id, self.pad_id = vocab[self.bos_token], vocab[self.eos_token], vocab[self.pad_token]
 
         # Matches reference: transformers' CLIPTokenizer (v5). NFC, whitespace runs -> " ", lower-case; CLIP's

@@ -1,28 +1,82 @@
-"""convert_weights.py: read the official aMUSEd checkpoints (Hugging Face diffusers layout) into our modules.
+"""convert_weights.py: load the official aMUSEd checkpoints into our modules, and convert them to one file.
 
-A hub checkpoint (`amused/amused-256`, `amused/amused-512`) is a folder of components:
+A hub checkpoint (`amused/amused-256`, `amused/amused-512`) is a folder of components (diffusers layout):
+    model_index.json
     text_encoder/  config.json + model.safetensors                       (transformers CLIPTextModelWithProjection)
     tokenizer/     vocab.json, merges.txt, special_tokens_map.json, tokenizer_config.json
     vqvae/         config.json + diffusion_pytorch_model.safetensors      (diffusers VQModel)
     transformer/   config.json + diffusion_pytorch_model.safetensors      (diffusers UVit2DModel)
     scheduler/     scheduler_config.json                                  (mask_token_id, masking schedule)
-each weight file also as a `.fp16.safetensors` variant. Our modules mirror the reference names, so the key map
-of every component is the identity; what this file adds is the accounting: every key of the file loaded or
-listed below as ignored with a reason, every shape asserted, strict loading.
+and each weight file also as a `.fp16.safetensors` variant. Our modules mirror the reference module names, so
+the key map of every component is the identity; what this file adds is the accounting: every key of a file
+loaded or listed in IGNORED with a reason, every shape asserted against the config, strict loading.
+
+    python convert_weights.py amused/amused-256 -o amused-256.safetensors [--dtype fp32|fp16|bf16]
+
+writes ONE safetensors file: every weight under "<component>.<our key>", and in its metadata the three configs
+(our dataclasses, as JSON), the scheduler settings and the tokenizer files. That file alone is a complete model
+(`load_checkpoint("amused-256.safetensors")`).
 """
+import argparse
+import dataclasses
 import json
+import os
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 import clip_text
+import uvit
+import vqgan
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMAT_VERSION = "amused-1"  # the "format" entry of a converted file's metadata
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file that is missing, unreadable or does not match the model: the message names the file."""
+    """A checkpoint that is missing, unreadable or does not match the model: the message names the file."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """One model of the pipeline, as it appears in a hub folder and in our code."""
+    name: str                   # sub-folder of the hub checkpoint, and key prefix in a converted file
+    weights: str                # weight file stem in the hub folder
+    config_cls: type            # our frozen config dataclass
+    config_from_hub: callable   # hub config.json dict -> our config (raises ValueError on what we don't support)
+    model_cls: type             # our root module, built from the config
+    ignored: dict               # keys of the hub file we deliberately drop -> why
+
+
+COMPONENTS = {c.name: c for c in (
+    Component("text_encoder", "model", clip_text.CLIPTextConfig, clip_text.config_from_hub, clip_text.CLIPTextEncoder,
+              # transformers 4.x saved an arange(77) buffer; we index the position table directly
+              {"text_model.embeddings.position_ids": "position-index buffer of older transformers versions"}),
+    Component("vqvae", "diffusion_pytorch_model", vqgan.VQConfig, vqgan.config_from_hub, vqgan.VQModel, {}),
+    Component("transformer", "diffusion_pytorch_model", uvit.UViTConfig, uvit.config_from_hub, uvit.UViT, {}),
+)}
+TOKENIZER_PREFIX = "tokenizer/"  # metadata keys of the tokenizer files in a converted file
+
+
+@dataclass
+class Checkpoint:
+    """Everything the pipeline needs, loaded."""
+    tokenizer: clip_text.CLIPTokenizer
+    text_encoder: clip_text.CLIPTextEncoder
+    vqvae: vqgan.VQModel
+    transformer: uvit.UViT
+    mask_token_id: int          # the id of a masked token in the U-ViT's input (8255 for the official models)
+    masking_schedule: str       # "cosine" for the official models
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading files, with errors that name the file
 
 
 def read_json(path: Path) -> dict:
@@ -50,9 +104,19 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated, download it again") from e
 
 
-def load_exactly(model: nn.Module, sd: dict[str, torch.Tensor], ignored: dict[str, str], source: Path) -> None:
-    """Load `sd` into `model` with an identity key map: every key of ours filled, every key of the file used
-    or in `ignored` (key -> reason), every shape equal. Raises CheckpointError naming the first offenders."""
+def hub_config(folder: Path, comp: Component):
+    """Our config from the component folder's config.json."""
+    path = folder / "config.json"
+    d = read_json(path)
+    try:
+        return comp.config_from_hub(d)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], ignored: dict, source) -> dict[str, torch.Tensor]:
+    """The tensors of `sd` that `model` takes, after checking that the keys are exactly the model's (plus the
+    `ignored` ones) and every shape equals the model's. The model may live on the meta device."""
     ours = model.state_dict()
     missing = [k for k in ours if k not in sd]
     unknown = [k for k in sd if k not in ours and k not in ignored]
@@ -61,36 +125,236 @@ def load_exactly(model: nn.Module, sd: dict[str, torch.Tensor], ignored: dict[st
     wrong = [f"{k} {tuple(sd[k].shape)} (expected {tuple(t.shape)})" for k, t in ours.items() if sd[k].shape != t.shape]
     if wrong:
         raise CheckpointError(f"{source}: tensors of the wrong shape, e.g. {', '.join(wrong[:3])}; "
-                              f"does the config.json belong to these weights?")
-    model.load_state_dict({k: sd[k] for k in ours}, strict=True)
+                              f"does the config belong to these weights?")
+    return {k: sd[k] for k in ours}
+
+
+def build(comp: Component, cfg, sd: dict[str, torch.Tensor], source) -> nn.Module:
+    """Our model for `cfg`, holding exactly the tensors of `sd` (no copy: they are assigned, in their dtype)."""
+    with torch.device("meta"):  # no point allocating and initialising weights we are about to replace
+        model = comp.model_cls(cfg)
+    model.load_state_dict(check_state_dict(model, sd, comp.ignored, source), strict=True, assign=True)
+    assert not any(t.is_meta for t in model.state_dict().values()), "a non-persistent buffer was left on meta"
+    return model.eval().requires_grad_(False)
+
+
+def check_components(ckpt: Checkpoint, source) -> None:
+    """The three models must fit together: widths, codebook size, and the mask id."""
+    te, vq, tr = ckpt.text_encoder.cfg, ckpt.vqvae.cfg, ckpt.transformer.cfg
+    checks = [
+        (te.hidden_size == tr.encoder_hidden_size, f"text encoder width {te.hidden_size} != transformer "
+                                                   f"encoder_hidden_size {tr.encoder_hidden_size}"),
+        (te.projection_dim == tr.cond_embed_dim, f"text projection {te.projection_dim} != transformer "
+                                                 f"cond_embed_dim {tr.cond_embed_dim}"),
+        (vq.num_vq_embeddings == tr.codebook_size, f"VQ codebook {vq.num_vq_embeddings} != transformer "
+                                                   f"codebook_size {tr.codebook_size}"),
+        (tr.codebook_size <= ckpt.mask_token_id < tr.vocab_size, f"mask_token_id {ckpt.mask_token_id} is not a "
+                                                                 f"non-codebook id of the transformer's vocabulary "
+                                                                 f"[{tr.codebook_size}, {tr.vocab_size})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CheckpointError(f"{source}: the components do not fit together: {message}")
+
+
+def scheduler_settings(d: dict, source) -> tuple[int, str]:
+    if not isinstance(d.get("mask_token_id"), int):
+        raise CheckpointError(f"{source}: no integer mask_token_id")
+    schedule = d.get("masking_schedule", "cosine")
+    if schedule not in ("cosine", "linear"):
+        raise CheckpointError(f"{source}: unknown masking_schedule {schedule!r} (cosine or linear)")
+    return d["mask_token_id"], schedule
 
 
 # ----------------------------------------------------------------------------------------------------
-# Text encoder
-
-TEXT_ENCODER_IGNORED = {
-    # transformers 4.x saved this buffer (arange(77)); we index the position table directly.
-    "text_model.embeddings.position_ids": "position index buffer of older transformers versions",
-}
+# Hub folders
 
 
-def load_text_encoder(folder, variant: str | None = None) -> clip_text.CLIPTextEncoder:
-    """A hub `text_encoder/` folder (config.json + model[.variant].safetensors) -> CLIPTextEncoder, in the
-    file's dtype (use .to() to cast)."""
+def load_model(folder, name: str, variant: str | None = None) -> nn.Module:
+    """One component folder of a hub checkpoint (e.g. `amused-256/vqvae`) -> our model, in the file's dtype."""
+    folder, comp = Path(folder), COMPONENTS[name]
+    cfg = hub_config(folder, comp)
+    path = weights_file(folder, comp.weights, variant)
+    return build(comp, cfg, read_safetensors(path), path)
+
+
+def load_hub_folder(folder, variant: str | None = None) -> Checkpoint:
+    """A hub-layout folder (fp32 files, or variant="fp16") -> Checkpoint, each model in its file's dtype."""
     folder = Path(folder)
-    config_path = folder / "config.json"
-    d = read_json(config_path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder")
+    models = {name: load_model(folder / name, name, variant) for name in COMPONENTS}
     try:
-        cfg = clip_text.config_from_hub(d)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{config_path}: {e}") from e
-    path = weights_file(folder, "model", variant)
+        tokenizer = clip_text.CLIPTokenizer.from_folder(folder / "tokenizer")
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from e
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    mask_id, schedule = scheduler_settings(read_json(sched_path), sched_path)
+    ckpt = Checkpoint(tokenizer, **models, mask_token_id=mask_id, masking_schedule=schedule)
+    check_components(ckpt, folder)
+    return ckpt
+
+
+def download(repo_id: str, variant: str | None = None) -> Path:
+    """Fetch the files of a hub checkpoint (only those of the chosen variant) into huggingface_hub's cache,
+    which resumes interrupted downloads and shows progress bars. Returns the local folder."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise CheckpointError(f"{repo_id}: downloading needs huggingface_hub (pip install huggingface_hub)") from e
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    patterns = ["model_index.json", "*/config.json", "scheduler/scheduler_config.json", "tokenizer/*",
+                f"text_encoder/model{suffix}", f"vqvae/diffusion_pytorch_model{suffix}",
+                f"transformer/diffusion_pytorch_model{suffix}"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:  # huggingface_hub raises many types: network, auth, not found, cache; all end here
+        raise CheckpointError(
+            f"{repo_id}: could not download it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"Check the network and the repo id, or download it on another machine with "
+            f"`huggingface-cli download {repo_id} --local-dir <folder>` and pass the folder") from e
+
+
+def resolve_source(src: str, variant: str | None = None) -> Path:
+    """A local folder or file stays as it is; anything of the form owner/name that is not a local path is
+    taken as a hub repo id and downloaded."""
+    path = Path(src)
+    if path.exists():
+        return path
+    if src.count("/") == 1 and not src.startswith((".", "/")) and not src.endswith(".safetensors"):
+        return download(src, variant)
+    raise CheckpointError(f"{src}: no such file or folder (and not a hub repo id like amused/amused-256)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Our single-file format
+
+
+def config_from_json(cls, text: str, source):
+    """Our config dataclass back from the JSON of dataclasses.asdict (JSON lists become tuples)."""
+    try:
+        d = json.loads(text)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"{source}: bad {cls.__name__} in the metadata ({e})") from e
+
+
+def load_converted(path) -> Checkpoint:
+    """A file written by `convert` -> Checkpoint, each model in the file's dtype."""
+    path = Path(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated") from e
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a converted amused file (metadata format {meta.get('format')!r}); "
+                              f"convert a hub checkpoint with `python convert_weights.py SRC -o {path.name}`")
     sd = read_safetensors(path)
-    with torch.device("meta"):
-        model = clip_text.CLIPTextEncoder(cfg)
-    model.to_empty(device="cpu")  # no point initialising weights we are about to overwrite
-    dtypes = {t.dtype for t in sd.values()}
-    if len(dtypes) == 1:
-        model.to(dtypes.pop())
-    load_exactly(model, sd, TEXT_ENCODER_IGNORED, path)
-    return model.eval().requires_grad_(False)
+    models = {}
+    for comp in COMPONENTS.values():
+        cfg = config_from_json(comp.config_cls, meta.get(f"{comp.name}.config", ""), path)
+        prefix = comp.name + "."
+        part = {k[len(prefix):]: sd.pop(k) for k in list(sd) if k.startswith(prefix)}
+        models[comp.name] = build(dataclasses.replace(comp, ignored={}), cfg, part, path)
+    if sd:
+        raise CheckpointError(f"{path}: unknown tensors {sorted(sd)[:5]}")
+    tokenizer = clip_text.CLIPTokenizer(
+        {name: meta.get(TOKENIZER_PREFIX + name, "") for name in clip_text.TOKENIZER_FILES}, source=path)
+    mask_id, schedule = scheduler_settings(json.loads(meta.get("scheduler.config", "{}")), path)
+    ckpt = Checkpoint(tokenizer, **models, mask_token_id=mask_id, masking_schedule=schedule)
+    check_components(ckpt, path)
+    return ckpt
+
+
+def load_checkpoint(src, variant: str | None = None) -> Checkpoint:
+    """A converted .safetensors file, a hub-layout folder, or a hub repo id (downloaded) -> Checkpoint."""
+    path = resolve_source(str(src), variant)
+    return load_converted(path) if path.is_file() else load_hub_folder(path, variant)
+
+
+def convert(folder, out, dtype: torch.dtype | None = None, variant: str | None = None) -> dict:
+    """Write the hub checkpoint in `folder` as one safetensors file at `out`, cast to `dtype` (None: keep the
+    dtype of the source files).
+
+    Holds at most the converted tensors plus one component's source tensors, then safetensors' serialisation
+    buffer: about two copies of the weights. Writes to a temporary file, then renames, so nothing half-written
+    is ever left at `out`. Returns a summary: tensors and parameters per component, bytes written."""
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder")
+    tensors, meta, summary = {}, {"format": FORMAT_VERSION}, {}
+    for comp in COMPONENTS.values():
+        cfg = hub_config(folder / comp.name, comp)
+        path = weights_file(folder / comp.name, comp.weights, variant)
+        with torch.device("meta"):
+            model = comp.model_cls(cfg)  # only for its keys and shapes
+        sd = check_state_dict(model, read_safetensors(path), comp.ignored, path)
+        for k, t in sd.items():
+            tensors[f"{comp.name}.{k}"] = (t.to(dtype) if dtype else t).contiguous()
+        del sd
+        meta[f"{comp.name}.config"] = json.dumps(dataclasses.asdict(cfg))
+        summary[comp.name] = (len(model.state_dict()), sum(p.numel() for p in model.parameters()))
+    try:
+        files = clip_text.read_tokenizer_files(folder / "tokenizer")
+        clip_text.CLIPTokenizer(files, source=folder / "tokenizer")  # fail now, not when someone loads the file
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(str(e)) from e
+    meta.update({TOKENIZER_PREFIX + name: text for name, text in files.items()})
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    mask_id, schedule = scheduler_settings(read_json(sched_path), sched_path)
+    meta["scheduler.config"] = json.dumps({"mask_token_id": mask_id, "masking_schedule": schedule})
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise CheckpointError(f"{out}: cannot write it ({e.strerror or e})") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    summary["bytes"] = out.stat().st_size
+    summary["dtypes"] = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(src: str, out: str, dtype: str | None = None, variant: str | None = None) -> None:
+    t0 = time.perf_counter()
+    out_path = Path(out)
+    if out_path.is_dir() or not out_path.parent.is_dir():
+        raise CheckpointError(f"{out}: the output must be a file in an existing folder")
+    if not os.access(out_path.parent, os.W_OK):
+        raise CheckpointError(f"{out_path.parent}: folder is not writable")
+    folder = resolve_source(src, variant)
+    if folder.is_file():
+        raise CheckpointError(f"{src}: already a single file; pass a hub-layout folder or a hub repo id")
+    print(f"converting {folder} ({variant or 'fp32'} files) -> {out} as {dtype or 'stored'}")
+    summary = convert(folder, out_path, DTYPES[dtype] if dtype else None, variant)
+    total = 0
+    for name in COMPONENTS:
+        n_tensors, n_params = summary[name]
+        total += n_params
+        print(f"  {name:<13} {n_tensors:4d} tensors {n_params:>13,} parameters")
+    print(f"  {'total':<13} {sum(summary[name][0] for name in COMPONENTS):4d} tensors {total:>13,} parameters, "
+          f"{', '.join(summary['dtypes'])}, {summary['bytes'] / 2**20:,.1f} MiB, {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Convert an official aMUSEd checkpoint (hub folder or repo id) "
+                                            "to one safetensors file.")
+    p.add_argument("src", help="hub-layout folder, or a hub repo id such as amused/amused-256 (downloaded)")
+    p.add_argument("-o", "--out", required=True, help="output .safetensors file")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="dtype of the written weights (default: as stored in the source files)")
+    p.add_argument("--variant", choices=["fp16"], default=None,
+                   help="read the .fp16.safetensors files of the checkpoint instead of the fp32 ones")
+    args = p.parse_args()
+    try:
+        main(**vars(args))
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -4,6 +4,7 @@ The reference libraries (diffusers, transformers) are imported only inside tests
 our from-scratch modules are compared with, never dependencies of the product.
 """
 import json
+import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -100,6 +101,26 @@ TINY_VQ = dict(  # diffusers.VQModel, amused-style (no mid-block attention, code
 )
 
 
+# The official configs (../shared/docs/amused-reference.md §1.2, §1.3; hub-checkpoints.md §2.1, §2.2).
+FULL_UVIT = {
+    "amused-256": dict(
+        hidden_size=1024, use_bias=False, hidden_dropout=0.0, cond_embed_dim=768, micro_cond_encode_dim=256,
+        micro_cond_embed_dim=1280, encoder_hidden_size=768, vocab_size=8256, codebook_size=8192, in_channels=768,
+        block_out_channels=768, num_res_blocks=3, downsample=False, upsample=False, block_num_heads=12,
+        num_hidden_layers=22, num_attention_heads=16, attention_dropout=0.0, intermediate_size=2816,
+        layer_norm_eps=1e-6, ln_elementwise_affine=True, sample_size=16,
+    ),
+}
+FULL_UVIT["amused-512"] = {**FULL_UVIT["amused-256"], "downsample": True, "upsample": True, "sample_size": 32}
+
+FULL_VQ = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 5,
+    up_block_types=("UpDecoderBlock2D",) * 5, block_out_channels=(128, 256, 256, 512, 768), layers_per_block=2,
+    act_fn="silu", latent_channels=64, sample_size=32, num_vq_embeddings=8192, norm_num_groups=32,
+    mid_block_add_attention=False, lookup_from_codebook=True, force_upcast=True,
+)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Comparing tensors
 
@@ -144,6 +165,26 @@ def perturb_(module, seed=0, rel=0.1):
         scale = rel * (std if std > 0 else 1.0)
         p.add_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
     return module
+
+
+def smooth_images(B, H, W, seed):
+    """Smooth random images in [0, 1]: random 4x4 colour fields, upsampled bilinearly."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(B, 3, 4, 4, generator=g)
+    return torch.nn.functional.interpolate(low, size=(H, W), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+@torch.no_grad()
+def spread_codebook_(vq, seed):
+    """Refill a reference VQModel's codebook with values spread like its latents. diffusers initialises it in
+    +-1/K, where every latent is about equally far from every entry: ids would hinge on rounding and decoding
+    would see near-zero inputs."""
+    f = 2 ** (len(vq.config.block_out_channels) - 1)
+    h = vq.encode(smooth_images(1, 2 * f, 2 * f, seed)).latents
+    g = torch.Generator().manual_seed(seed)
+    w = vq.quantize.embedding.weight
+    w.copy_(h.mean() + h.std() * torch.randn(w.shape, generator=g))
+    return vq
 
 
 def save_reference(model, root, subfolder, **kwargs):
@@ -254,3 +295,43 @@ AMUSED_TOKENIZER_FILES = {
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+def reference_pipeline(size, tokenizer_dir, seed=0):
+    """diffusers' AmusedPipeline with random weights (perturbed), at "tiny", "amused-256" or "amused-512"."""
+    from diffusers import AmusedPipeline, AmusedScheduler, UVit2DModel, VQModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    uvit_kwargs = TINY_UVIT if size == "tiny" else FULL_UVIT[size]
+    torch.manual_seed(seed)
+    return AmusedPipeline(
+        vqvae=spread_codebook_(perturb_(VQModel(**(TINY_VQ if size == "tiny" else FULL_VQ)).eval(), seed), seed),
+        tokenizer=CLIPTokenizer.from_pretrained(str(tokenizer_dir)),
+        text_encoder=perturb_(CLIPTextModelWithProjection(CLIPTextConfig(**(TINY_CLIP if size == "tiny" else FULL_CLIP))).eval(), seed),
+        transformer=perturb_(UVit2DModel(**uvit_kwargs).eval(), seed),
+        scheduler=AmusedScheduler(mask_token_id=uvit_kwargs["vocab_size"] - 1),
+    )
+
+
+def save_hub_checkpoint(pipe, folder, tokenizer_dir, fp16_variant=False):
+    """Save like the hub repos: fp32 files, and optionally the .fp16 variant beside them (this casts `pipe`).
+    transformers 5 saves a tokenizer as tokenizer.json; the hub repos have the four slow-tokenizer files
+    instead, so those are copied from `tokenizer_dir`."""
+    folder = Path(folder)
+    pipe.save_pretrained(folder)
+    if fp16_variant:
+        pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
+    shutil.rmtree(folder / "tokenizer")
+    shutil.copytree(tokenizer_dir, folder / "tokenizer")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def full_hub_256(tmp_path_factory, tiny_tokenizer_dir):
+    """The full amused-256 configuration with random weights in the hub layout: fp32 files and the fp16 variant,
+    the real tokenizer files when ../shared/ has them. ~5 GB on disk, built once per session."""
+    tok = SHARED_TOKENIZER if SHARED_TOKENIZER.exists() else tiny_tokenizer_dir
+    folder = tmp_path_factory.mktemp("hub") / "amused-256"
+    save_hub_checkpoint(reference_pipeline("amused-256", tok, seed=6), folder, tok, fp16_variant=True)
+    yield folder
+    shutil.rmtree(folder)

@@ -15,7 +15,7 @@ import torch
 from conftest import FULL_CLIP, SHARED_TOKENIZER, TINY_CLIP, assert_close, needs_shared_tokenizer, perturb_, save_reference
 
 import clip_text
-from convert_weights import CheckpointError, load_text_encoder
+from convert_weights import CheckpointError, load_model
 
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -69,7 +69,7 @@ def test_tokenizer_matches_transformers_on_varied_prompts(tokenizer_dir):
     prompts = varied_prompts()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the long prompts warn; tested on their own below
-        ours = clip_text.CLIPTokenizer(tokenizer_dir)(prompts)
+        ours = clip_text.CLIPTokenizer.from_folder(tokenizer_dir)(prompts)
     ref = reference_ids(tokenizer_dir, prompts)
     assert ours.shape == ref.shape == (1000, 77)
     mismatch = [i for i in range(len(prompts)) if not torch.equal(ours[i], ref[i])]
@@ -81,7 +81,7 @@ def test_tokenizer_matches_transformers_on_varied_prompts(tokenizer_dir):
 
 
 def test_tokenizer_special_tokens_and_padding(tokenizer_dir):
-    tok = clip_text.CLIPTokenizer(tokenizer_dir)
+    tok = clip_text.CLIPTokenizer.from_folder(tokenizer_dir)
     vocab = json.loads((tokenizer_dir / "vocab.json").read_text())
     assert (tok.pad_token, tok.pad_id) == ("!", 0)  # the amused files pad with "!", id 0
     assert tok.eos_id == vocab["<|endoftext|>"] == max(vocab.values())
@@ -95,7 +95,7 @@ def test_tokenizer_special_tokens_and_padding(tokenizer_dir):
 def test_overlong_prompt_truncates_like_reference_and_warns(tokenizer_dir):
     prompt = "a photo of a cat " * 40
     with pytest.warns(UserWarning, match="longer than CLIP's 77"):
-        ours = clip_text.CLIPTokenizer(tokenizer_dir)(prompt)
+        ours = clip_text.CLIPTokenizer.from_folder(tokenizer_dir)(prompt)
     assert torch.equal(ours, reference_ids(tokenizer_dir, [prompt]))
     assert ours[0, -1] == json.loads((tokenizer_dir / "vocab.json").read_text())["<|endoftext|>"]
 
@@ -103,13 +103,13 @@ def test_overlong_prompt_truncates_like_reference_and_warns(tokenizer_dir):
 def test_prompt_that_fits_does_not_warn(tiny_tokenizer_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        clip_text.CLIPTokenizer(tiny_tokenizer_dir)("a" + " a" * 74)  # 75 tokens + BOS + EOS = 77
+        clip_text.CLIPTokenizer.from_folder(tiny_tokenizer_dir)("a" + " a" * 74)  # 75 tokens + BOS + EOS = 77
 
 
 @pytest.mark.parametrize("bad", [5, None, b"bytes", ["ok", 3], [None]])
 def test_non_string_prompt_is_a_type_error(tiny_tokenizer_dir, bad):
     with pytest.raises(TypeError, match="prompt must be a string"):
-        clip_text.CLIPTokenizer(tiny_tokenizer_dir)(bad)
+        clip_text.CLIPTokenizer.from_folder(tiny_tokenizer_dir)(bad)
 
 
 @pytest.mark.parametrize("name", clip_text.TOKENIZER_FILES)
@@ -117,7 +117,7 @@ def test_missing_tokenizer_file_is_named(tiny_tokenizer_dir, tmp_path, name):
     folder = shutil.copytree(tiny_tokenizer_dir, tmp_path / "tok")
     (folder / name).unlink()
     with pytest.raises(FileNotFoundError, match=name):
-        clip_text.CLIPTokenizer(folder)
+        clip_text.CLIPTokenizer.from_folder(folder)
 
 
 @pytest.mark.parametrize("name", ["vocab.json", "tokenizer_config.json", "merges.txt"])
@@ -125,7 +125,7 @@ def test_corrupt_tokenizer_file_is_named(tiny_tokenizer_dir, tmp_path, name):
     folder = shutil.copytree(tiny_tokenizer_dir, tmp_path / "tok")
     (folder / name).write_bytes(b"\xff\xfe{ not json" if name != "merges.txt" else b"a b c\n")
     with pytest.raises(ValueError, match=name):
-        clip_text.CLIPTokenizer(folder)
+        clip_text.CLIPTokenizer.from_folder(folder)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def reference_encoder(cfg_kwargs, seed):
 
 def encoder_inputs(tokenizer_dir):
     """Real tokenized prompts (EOS then pad 0 after it) plus a row of random ids with no EOS at all."""
-    ids = clip_text.CLIPTokenizer(tokenizer_dir)(["a photo of a cat", "an astronaut riding a horse, 4k!", ""])
+    ids = clip_text.CLIPTokenizer.from_folder(tokenizer_dir)(["a photo of a cat", "an astronaut riding a horse, 4k!", ""])
     g = torch.Generator().manual_seed(0)
     return torch.cat([ids, torch.randint(0, int(ids.max()), (1, 77), generator=g)])
 
@@ -152,7 +152,7 @@ def test_encoder_matches_transformers(tmp_path, tiny_tokenizer_dir, size, atol):
     cfg_kwargs = TINY_CLIP if size == "tiny" else FULL_CLIP
     ref = reference_encoder(cfg_kwargs, seed=1)
     folder = save_reference(ref, tmp_path, "text_encoder")  # the hub layout: config.json + model.safetensors
-    ours = load_text_encoder(folder)
+    ours = load_model(folder, "text_encoder")
     if size == "full":
         assert ours.cfg == clip_text.PRESETS["clip-vit-large-patch14"]
         assert sum(p.numel() for p in ours.parameters()) == 123_650_304
@@ -171,7 +171,7 @@ def test_encoder_pools_at_first_eos_when_config_is_not_legacy(tmp_path, tiny_tok
     eos = int(ids.max())
     ids[0, 10] = eos  # a second end-of-text: the first occurrence wins
     ref = reference_encoder({**TINY_CLIP, "eos_token_id": eos}, seed=2)
-    ours = load_text_encoder(save_reference(ref, tmp_path, "text_encoder"))
+    ours = load_model(save_reference(ref, tmp_path, "text_encoder"), "text_encoder")
     with torch.no_grad():
         out = ref(ids, output_hidden_states=True)
         _, pooled = ours(ids)
@@ -181,12 +181,12 @@ def test_encoder_pools_at_first_eos_when_config_is_not_legacy(tmp_path, tiny_tok
 def test_fp16_variant_loads(tmp_path, tiny_tokenizer_dir):
     ref = reference_encoder(TINY_CLIP, seed=3)
     folder = save_reference(ref.half(), tmp_path, "text_encoder", variant="fp16")
-    ours = load_text_encoder(folder, variant="fp16")
+    ours = load_model(folder, "text_encoder", variant="fp16")
     assert all(p.dtype == torch.float16 for p in ours.parameters())
     for k, v in ref.state_dict().items():
         assert torch.equal(ours.state_dict()[k], v), k
     with pytest.raises(CheckpointError, match="model.safetensors: file not found"):
-        load_text_encoder(folder)  # only the fp16 file is there
+        load_model(folder, "text_encoder")  # only the fp16 file is there
 
 
 def test_loader_errors_name_the_problem(tmp_path):
@@ -196,18 +196,18 @@ def test_loader_errors_name_the_problem(tmp_path):
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 2])  # a truncated download
     with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
-        load_text_encoder(folder)
+        load_model(folder, "text_encoder")
     weights.write_bytes(good)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
     with pytest.raises(CheckpointError, match="unknown.*layers.2"):
-        load_text_encoder(folder)
+        load_model(folder, "text_encoder")
     (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 64, "num_attention_heads": 4}))
     with pytest.raises(CheckpointError, match="wrong shape"):
-        load_text_encoder(folder)
+        load_model(folder, "text_encoder")
     (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
     with pytest.raises(CheckpointError, match="hidden_act"):
-        load_text_encoder(folder)
+        load_model(folder, "text_encoder")
 
 
 def test_encoder_rejects_bad_ids():

@@ -1,0 +1,295 @@
+"""convert_weights.py: hub-layout checkpoints written by diffusers/transformers `save_pretrained` load into our
+modules and convert to one file, every tensor identical to the source (after the stated dtype cast).
+
+No tolerance anywhere here: loading and converting copy tensors, so equality is exact (a cast to fp16/bf16 is
+compared with the same cast of the source tensor).
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+import torch
+from conftest import ROOT, reference_pipeline, save_hub_checkpoint
+from safetensors.torch import load_file, save_file
+
+import convert_weights as cw
+
+
+def source_tensors(folder, name, variant=None):
+    comp = cw.COMPONENTS[name]
+    return load_file(cw.weights_file(Path(folder) / name, comp.weights, variant))
+
+
+def assert_same_tensors(ckpt, folder, variant=None, dtype=None):
+    """Every tensor of every model equals the hub file's (cast to `dtype` when given), with the same dtype."""
+    n = 0
+    for name in cw.COMPONENTS:
+        ours = getattr(ckpt, name).state_dict()
+        src = source_tensors(folder, name, variant)
+        src = {k: v for k, v in src.items() if k not in cw.COMPONENTS[name].ignored}
+        assert sorted(ours) == sorted(src), name
+        for k, t in src.items():
+            expected = t.to(dtype) if dtype else t
+            assert ours[k].dtype == expected.dtype and torch.equal(ours[k], expected), f"{name}.{k}"
+            n += 1
+    # the tensors are not all alike (a loader filling everything with one source tensor would fail above,
+    # but a test of constants would not)
+    assert n > 100 or "tiny" in str(folder)
+    return n
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def tiny_hub(tmp_path_factory, tiny_tokenizer_dir):
+    pipe = reference_pipeline("tiny", tiny_tokenizer_dir, seed=5)
+    return save_hub_checkpoint(pipe, tmp_path_factory.mktemp("hub") / "amused-tiny", tiny_tokenizer_dir, fp16_variant=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading and converting
+
+
+def test_full_size_hub_folder_loads_converts_and_loads_back(full_hub_256, tmp_path):
+    import clip_text
+    import uvit
+    import vqgan
+
+    ckpt = cw.load_hub_folder(full_hub_256)
+    assert ckpt.transformer.cfg == uvit.PRESETS["amused-256"]
+    assert ckpt.vqvae.cfg == vqgan.PRESETS["amused"]
+    assert ckpt.text_encoder.cfg == clip_text.PRESETS["clip-vit-large-patch14"]
+    assert (ckpt.mask_token_id, ckpt.masking_schedule) == (8255, "cosine")
+    assert assert_same_tensors(ckpt, full_hub_256) == 197 + 277 + 474
+    del ckpt
+
+    out = tmp_path / "amused-256.safetensors"
+    summary = cw.convert(full_hub_256, out, torch.bfloat16)
+    assert summary["transformer"] == (474, 603_537_664)
+    assert summary["vqvae"] == (277, 146_244_675)
+    assert summary["text_encoder"] == (197, 123_650_304)
+    back = cw.load_checkpoint(out)  # one file is a complete model
+    assert_same_tensors(back, full_hub_256, dtype=torch.bfloat16)
+    assert back.transformer.cfg == uvit.PRESETS["amused-256"] and back.mask_token_id == 8255
+    prompts = ["a photo of a cat!", "an astronaut " * 60]  # the second is over 77 tokens
+    ref_tok = clip_text.CLIPTokenizer.from_folder(full_hub_256 / "tokenizer")
+    with pytest.warns(UserWarning):
+        assert torch.equal(back.tokenizer(prompts), ref_tok(prompts))
+
+
+def test_full_size_fp16_variant(full_hub_256, tmp_path):
+    ckpt = cw.load_hub_folder(full_hub_256, variant="fp16")
+    assert_same_tensors(ckpt, full_hub_256, variant="fp16")
+    del ckpt
+    out = tmp_path / "amused-256-fp16.safetensors"
+    cw.convert(full_hub_256, out, torch.float16, variant="fp16")
+    assert_same_tensors(cw.load_checkpoint(out), full_hub_256, variant="fp16")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_cli_converts_tiny_checkpoint(tiny_hub, tmp_path, dtype):
+    out = tmp_path / "tiny.safetensors"
+    r = run_cli(tiny_hub, "-o", out, "--dtype", dtype)
+    assert r.returncode == 0, r.stderr
+    assert "transformer" in r.stdout and "parameters" in r.stdout and str(cw.DTYPES[dtype])[6:] in r.stdout
+    assert_same_tensors(cw.load_checkpoint(out), tiny_hub, dtype=cw.DTYPES[dtype])
+    assert not [p for p in tmp_path.iterdir() if p.name != out.name]  # no temporary file left behind
+
+
+def test_converted_file_keeps_the_tokenizer_and_scheduler(tiny_hub, tmp_path):
+    out = tmp_path / "tiny.safetensors"
+    cw.convert(tiny_hub, out)
+    ckpt = cw.load_checkpoint(out)
+    original = cw.load_hub_folder(tiny_hub)
+    prompts = ["a photo of a cat!", "", "Ünïcode 東京 🎉"]
+    assert torch.equal(ckpt.tokenizer(prompts), original.tokenizer(prompts))
+    assert (ckpt.tokenizer.pad_id, ckpt.mask_token_id, ckpt.masking_schedule) == (0, 71, "cosine")
+
+
+def test_nothing_half_written_when_saving_fails(tiny_hub, tmp_path, monkeypatch):
+    out = tmp_path / "tiny.safetensors"
+
+    def failing_save(tensors, path, metadata):
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cw, "save_file", failing_save)
+    with pytest.raises(cw.CheckpointError, match="No space left"):
+        cw.convert(tiny_hub, out)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# Download, against a stand-in for the hub on 127.0.0.1 (huggingface_hub honours HF_ENDPOINT)
+
+FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def serve_hub(repos: dict[str, Path]):
+    """The four routes snapshot_download uses: repo info, file tree, and HEAD/GET of a file."""
+    requested = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def reply(self, body: bytes, headers=(), status=200, send_body=True):
+            self.send_response(status)
+            for k, v in (*headers, ("Content-Length", str(len(body)))):
+                self.send_header(k, v)
+            self.end_headers()
+            if send_body:
+                self.wfile.write(body)
+
+        def handle_any(self, send_body):
+            path = unquote(urlparse(self.path).path)
+            parts = path.strip("/").split("/")
+            if parts[:2] == ["api", "models"]:  # /api/models/{owner}/{name}/(revision|tree)/{rev}
+                repo, kind = "/".join(parts[2:4]), parts[4]
+                if repo not in repos:
+                    return self.reply(b"{}", [("X-Error-Code", "RepositoryNotFound")], 404, send_body)
+                files = sorted(p for p in repos[repo].rglob("*") if p.is_file())
+                rel = [str(p.relative_to(repos[repo])) for p in files]
+                if kind == "tree":
+                    body = [{"type": "file", "path": r, "size": p.stat().st_size, "oid": hashlib.sha1(r.encode()).hexdigest()}
+                            for r, p in zip(rel, files)]
+                else:
+                    body = {"id": repo, "sha": FAKE_COMMIT, "siblings": [{"rfilename": r} for r in rel]}
+                return self.reply(json.dumps(body).encode(), [("Content-Type", "application/json")], 200, send_body)
+            repo, rel = "/".join(parts[:2]), "/".join(parts[4:])  # /{owner}/{name}/resolve/{rev}/{file}
+            f = repos.get(repo, Path("/nonexistent")) / rel
+            if not f.is_file():
+                return self.reply(b"", [("X-Error-Code", "EntryNotFound")], 404, send_body)
+            requested.append(rel)
+            data = f.read_bytes()
+            self.reply(data, [("X-Repo-Commit", FAKE_COMMIT), ("ETag", f'"{hashlib.sha256(data).hexdigest()}"')], 200, send_body)
+
+        def do_HEAD(self):
+            self.handle_any(False)
+
+        def do_GET(self):
+            self.handle_any(True)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, requested
+
+
+def hub_env(tmp_path, port):
+    return {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf-home"),
+            "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def test_cli_downloads_a_repo_id_from_the_hub(tiny_hub, tmp_path):
+    server, requested = serve_hub({"amused/amused-tiny": tiny_hub})
+    try:
+        out = tmp_path / "tiny.safetensors"
+        r = run_cli("amused/amused-tiny", "-o", out, "--variant", "fp16", env=hub_env(tmp_path, server.server_port))
+        assert r.returncode == 0, r.stderr
+        # only the chosen variant's weights were fetched, and they landed in huggingface_hub's cache
+        weights = sorted({f for f in requested if f.endswith(".safetensors")})  # HEAD then GET
+        assert weights == ["text_encoder/model.fp16.safetensors", "transformer/diffusion_pytorch_model.fp16.safetensors",
+                           "vqvae/diffusion_pytorch_model.fp16.safetensors"]
+        assert any((tmp_path / "hf-home").rglob("model.fp16.safetensors"))
+        assert_same_tensors(cw.load_checkpoint(out), tiny_hub, variant="fp16")
+        r = run_cli("amused/no-such-repo", "-o", out, env=hub_env(tmp_path, server.server_port))
+        assert r.returncode == 2 and "amused/no-such-repo: could not download" in r.stderr
+    finally:
+        server.shutdown()
+
+
+def test_cli_without_network_says_how_to_get_the_weights(tmp_path):
+    env = hub_env(tmp_path, 9)  # port 9 (discard): nothing listens, the connection is refused
+    r = run_cli("amused/amused-256", "-o", tmp_path / "x.safetensors", env=env)
+    assert r.returncode == 2, r.stderr
+    assert "could not download" in r.stderr and "huggingface-cli download" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one line naming the file and the problem, exit code 2, no traceback, nothing at OUT
+
+
+def broken_copy(tiny_hub, tmp_path, how):
+    folder = shutil.copytree(tiny_hub, tmp_path / "broken")
+    if how == "missing folder":
+        shutil.rmtree(folder)
+    elif how == "missing component":
+        shutil.rmtree(folder / "vqvae")
+    elif how == "truncated weights":
+        f = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+        f.write_bytes(f.read_bytes()[:-1000])
+    elif how == "corrupt config":
+        (folder / "vqvae" / "config.json").write_text("{ not json")
+    elif how == "512 config on 256 weights":
+        config = json.loads((folder / "transformer" / "config.json").read_text())
+        config.update(downsample=False, upsample=False)  # our tiny reference has down/upsampling
+        (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    elif how == "wrong shape":
+        config = json.loads((folder / "transformer" / "config.json").read_text())
+        config.update(intermediate_size=config["intermediate_size"] * 2)
+        (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    elif how == "unknown key":
+        f = folder / "text_encoder" / "model.safetensors"
+        sd = load_file(f)
+        sd["text_model.extra.weight"] = torch.zeros(3)
+        save_file(sd, f)
+    elif how == "missing tokenizer file":
+        (folder / "tokenizer" / "merges.txt").unlink()
+    elif how == "unsupported config value":
+        config = json.loads((folder / "vqvae" / "config.json").read_text())
+        (folder / "vqvae" / "config.json").write_text(json.dumps({**config, "act_fn": "relu"}))
+    return folder
+
+
+BROKEN = {  # how -> what the one-line error must mention
+    "missing folder": r"broken: no such file or folder",
+    "missing component": r"vqvae/config.json: file not found",
+    "truncated weights": r"transformer/diffusion_pytorch_model.safetensors: not a readable safetensors file",
+    "corrupt config": r"vqvae/config.json: not valid JSON",
+    "512 config on 256 weights": r"transformer/diffusion_pytorch_model.safetensors: keys do not match.*unknown \['down_block.downsample",
+    "wrong shape": r"transformer/diffusion_pytorch_model.safetensors: tensors of the wrong shape.*expected",
+    "unknown key": r"text_encoder/model.safetensors: keys do not match.*unknown \['text_model.extra.weight'\]",
+    "missing tokenizer file": r"tokenizer/merges.txt: file not found",
+    "unsupported config value": r"vqvae/config.json: .*act_fn",
+}
+
+
+@pytest.mark.parametrize("how", sorted(BROKEN))
+def test_cli_bad_input_is_one_clear_line(tiny_hub, tmp_path, how):
+    folder = broken_copy(tiny_hub, tmp_path, how)
+    out = tmp_path / "out.safetensors"
+    r = run_cli(folder, "-o", out)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    import re
+    assert re.search(BROKEN[how], lines[0]), lines[0]
+    assert not out.exists()
+
+
+def test_cli_missing_variant_and_bad_output(tiny_hub, tmp_path):
+    folder = shutil.copytree(tiny_hub, tmp_path / "no-fp16", ignore=shutil.ignore_patterns("*.fp16.safetensors"))
+    r = run_cli(folder, "-o", tmp_path / "x.safetensors", "--variant", "fp16")
+    assert r.returncode == 2 and "model.fp16.safetensors: file not found (the folder has model.safetensors)" in r.stderr
+    for bad_out in (tmp_path / "no-such-dir" / "x.safetensors", tmp_path):
+        r = run_cli(tiny_hub, "-o", bad_out)
+        assert r.returncode == 2 and str(bad_out) in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_loading_a_foreign_safetensors_file_explains(tmp_path):
+    f = tmp_path / "model.safetensors"
+    save_file({"x": torch.zeros(2)}, f)
+    with pytest.raises(cw.CheckpointError, match="not a converted amused file"):
+        cw.load_checkpoint(f)
