@@ -136,6 +136,9 @@ def preprocess_image(image, size: int, multiple: int = 16) -> torch.Tensor:
     (the VQ's pixels per token) is cut down to one by resizing (Lanczos for PIL, nearest for tensors). We warn
     when that happens, and since the U-ViT only works on its own grid size, any other size is an error rather
     than a silent resize."""
+    if not isinstance(image, (Image.Image, torch.Tensor)):
+        raise TypeError(f"image must be a PIL image or a torch tensor (for a file: PIL.Image.open(path)), "
+                        f"got {type(image).__name__}")
     if isinstance(image, Image.Image) and image.mode != "RGB":
         image = image.convert("RGB")  # the reference would pass an RGBA image's 4 channels on and fail
     H, W = (image.height, image.width) if isinstance(image, Image.Image) else tuple(image.shape[-2:])
@@ -243,6 +246,9 @@ class Amused:
         prompts = self._check(prompt, steps, guidance_scale, num_images_per_prompt, output_type, strength)
         pixels = preprocess_image(image, self.resolution, self.vqvae.cfg.downsample_factor).to(self.device)  # (B_img, 3, H, W)
         start = steps - int(steps * strength)
+        if start == steps:
+            warnings.warn(f"strength {strength} x {steps} steps rounds down to 0 steps: the output is the input "
+                          f"image's VQ reconstruction", stacklevel=2)
         tokens = self.vqvae.encode_to_ids(pixels)  # (B_img, h, w)
         # Matches reference: AmusedScheduler.add_noise(tokens, timesteps[start - 1]): every token is masked with
         # probability mask_ratio((start' + 1) / steps), start' = start - 1 (Python's index -1, i.e. the last
@@ -272,6 +278,9 @@ class Amused:
         where = preprocess_mask(mask, tuple(pixels.shape[-2:]), tuple(tokens.shape[-2:])).to(self.device)
         if where.shape[0] not in (1, tokens.shape[0]):
             raise ValueError(f"{where.shape[0]} masks for {tokens.shape[0]} images: give one mask, or one per image")
+        if not where.any():
+            raise ValueError("the mask selects no token to repaint: it is black (< 0.5) everywhere once resized to "
+                             f"the {tokens.shape[-1]}x{tokens.shape[-2]} token grid; white marks what to repaint")
         tokens = torch.where(where, self.mask_id, tokens)
         # Matches reference: the count schedule is scaled by the masked fraction, a float32 0-d tensor
         starting_mask_ratio = tokens.eq(self.mask_id).sum() / tokens.numel()
@@ -341,9 +350,6 @@ class Amused:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if strength is not None and not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        if strength is not None and int(steps * strength) == 0:
-            warnings.warn(f"strength {strength} x {steps} steps rounds down to 0 steps: the output is the input "
-                          f"image's VQ reconstruction", stacklevel=3)
         return list(prompt)
 
     @staticmethod

@@ -1,0 +1,273 @@
+"""amused.py against diffusers' AmusedPipeline, AmusedImg2ImgPipeline, AmusedInpaintPipeline and AmusedScheduler.
+
+Same weights, same inputs, same seed (a CPU torch.Generator), CPU fp32: the tokens must be identical, and the
+images are then the same VQ decode of the same tokens: atol 1e-4 (we measure 0). In fp16 the scheduler must
+still give identical tokens for identical logits, since we make the same dtype choices as the reference.
+"""
+import warnings
+
+import pytest
+import torch
+from conftest import TINY_UVIT, assert_close, reference_pipeline, save_hub_checkpoint, smooth_images
+from diffusers import AmusedImg2ImgPipeline, AmusedInpaintPipeline, AmusedPipeline, AmusedScheduler
+from PIL import Image
+
+import convert_weights
+from amused import Amused, num_masked_after, unmask_step
+
+MASK_ID = TINY_UVIT["vocab_size"] - 1
+PROMPTS = ["a photo of a cat", "an astronaut riding a horse!"]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_tokenizer_dir):
+    """(diffusers pipeline, our pipeline, hub folder): the same random tiny weights, ours loaded from the folder."""
+    ref = reference_pipeline("tiny", tiny_tokenizer_dir, seed=11)
+    folder = save_hub_checkpoint(ref, tmp_path_factory.mktemp("hub") / "tiny", tiny_tokenizer_dir)
+    ref.set_progress_bar_config(disable=True)
+    return ref, Amused.from_pretrained(folder), folder
+
+
+def reference_variant(ref, cls):
+    """The same models in another diffusers pipeline class, with a scheduler of its own (the inpaint pipeline
+    switches its scheduler to the linear schedule)."""
+    pipe = cls(**{**ref.components, "scheduler": AmusedScheduler(mask_token_id=MASK_ID)})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def assert_same_run(name, ref_call, our_call):
+    """Tokens identical, then images (decoded again from fresh generators with the same seed) within 1e-4."""
+    ref_tokens = ref_call(output_type="latent").images
+    our_tokens = our_call(output_type="tokens")
+    assert ref_tokens.dtype == our_tokens.dtype == torch.long
+    assert len(ref_tokens.unique()) > 5, "degenerate sample: too few distinct tokens"
+    assert (ref_tokens != MASK_ID).all()
+    assert torch.equal(our_tokens, ref_tokens), f"{name}: {(our_tokens != ref_tokens).sum()} tokens differ"
+    assert_close(f"{name} images", our_call(output_type="pt"), ref_call(output_type="pt").images, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parity with diffusers
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 12])
+def test_text_to_image_matches_diffusers(tiny, steps):
+    ref, ours, _ = tiny
+    kwargs = dict(negative_prompt=["blurry", "low quality"], num_images_per_prompt=2)
+    assert_same_run(
+        f"t2i {steps} steps",
+        lambda **o: ref(PROMPTS, num_inference_steps=steps, generator=gen(steps), **kwargs, **o),
+        lambda **o: ours(PROMPTS, steps=steps, generator=gen(steps), **kwargs, **o),
+    )
+
+
+@pytest.mark.parametrize("guidance_scale, negative", [(1.0, None), (4.0, None), (10.0, "ugly")])
+def test_text_to_image_guidance_and_conditioning(tiny, guidance_scale, negative):
+    ref, ours, _ = tiny
+    kwargs = dict(negative_prompt=negative, guidance_scale=guidance_scale, temperature=(3.0, 0.5))
+    assert_same_run(
+        f"t2i guidance {guidance_scale}",
+        lambda **o: ref("a dog", num_inference_steps=6, generator=gen(1), micro_conditioning_aesthetic_score=5.5,
+                        micro_conditioning_crop_coord=(4, 8), **kwargs, **o),
+        lambda **o: ours("a dog", steps=6, generator=gen(1), aesthetic_score=5.5, crop_coords=(4, 8), **kwargs, **o),
+    )
+
+
+@pytest.mark.parametrize("strength, steps", [(0.5, 12), (0.3, 12), (1.0, 5), (0.75, 4)])
+def test_img2img_matches_diffusers(tiny, strength, steps):
+    ref, ours, _ = tiny
+    i2i = reference_variant(ref, AmusedImg2ImgPipeline)
+    image = smooth_images(2, 32, 32, seed=2)  # one per prompt (the reference cannot share one image)
+    assert_same_run(
+        f"img2img strength {strength}",
+        lambda **o: i2i(PROMPTS, image=image, strength=strength, num_inference_steps=steps, generator=gen(3), **o),
+        lambda **o: ours.img2img(PROMPTS, image, strength=strength, steps=steps, generator=gen(3), **o),
+    )
+
+
+def test_img2img_from_pil_and_batch(tiny):
+    ref, ours, _ = tiny
+    i2i = reference_variant(ref, AmusedImg2ImgPipeline)
+    pil = Image.fromarray((smooth_images(1, 32, 32, seed=4)[0].permute(1, 2, 0) * 255).byte().numpy())
+    assert_same_run(
+        "img2img PIL",
+        lambda **o: i2i("a cat", image=pil, num_inference_steps=8, num_images_per_prompt=3, generator=gen(5), **o),
+        lambda **o: ours.img2img("a cat", pil, steps=8, num_images_per_prompt=3, generator=gen(5), **o),
+    )
+
+
+def square_mask(kind, batch=1):
+    m = torch.zeros(batch, 1, 32, 32)
+    m[..., 8:24, 4:20] = 1.0  # white = repaint
+    m[1:, ..., 0:8, 20:32] = 1.0  # a second mask differs
+    if kind == "tensor":
+        return m
+    pil = Image.fromarray((m[0, 0] * 255).byte().numpy(), mode="L")
+    return pil.convert("RGB") if kind == "pil-rgb" else pil
+
+
+@pytest.mark.parametrize("kind, strength", [("tensor", 1.0), ("pil-l", 1.0), ("pil-rgb", 0.7)])
+def test_inpaint_matches_diffusers(tiny, kind, strength):
+    ref, ours, _ = tiny
+    inp = reference_variant(ref, AmusedInpaintPipeline)
+    # a PIL mask is one mask, for one image and prompt; tensors may carry one per prompt
+    prompts = PROMPTS if kind == "tensor" else PROMPTS[:1]
+    image, mask = smooth_images(len(prompts), 32, 32, seed=6), square_mask(kind, len(prompts))
+    assert_same_run(
+        f"inpaint {kind}",
+        lambda **o: inp(prompts, image=image, mask_image=mask, strength=strength, num_inference_steps=12,
+                        num_images_per_prompt=2, generator=gen(7), **o),
+        lambda **o: ours.inpaint(prompts, image, mask, strength=strength, steps=12, num_images_per_prompt=2,
+                                 generator=gen(7), **o),
+    )
+
+
+def test_full_amused_256_matches_diffusers(full_hub_256):
+    """The official amused-256 configuration in the hub layout, 2 steps like diffusers' own slow tests."""
+    ref = AmusedPipeline.from_pretrained(full_hub_256, dtype=torch.float32)  # config.json says fp16 after the variant save
+    ref.set_progress_bar_config(disable=True)
+    ours = Amused.from_pretrained(full_hub_256)
+    MASK = ref.scheduler.config.mask_token_id
+    ref_tokens = ref("dog", num_inference_steps=2, generator=gen(0), output_type="latent").images
+    our_images = []
+    our_tokens = ours("dog", steps=2, generator=gen(0), output_type="tokens",
+                      callback=lambda step, t: our_images.append(t.clone()))
+    assert ref_tokens.shape == (1, 16, 16) and len(ref_tokens.unique()) > 50 and (ref_tokens != MASK).all()
+    assert torch.equal(our_tokens, ref_tokens)
+    assert (our_images[0] == MASK).sum() == 181  # the float32 cosine count after step 0 of 2
+    ref_vq = ref.vqvae
+    del ref  # the two 600M-parameter transformers need not live together with what follows
+    with torch.no_grad():
+        ref_pixels = ref_vq.decode(ref_tokens, force_not_quantize=True, shape=(1, 16, 16, 64)).sample.clip(0, 1)
+    assert_close("amused-256 image", ours.vqvae.decode_ids(our_tokens), ref_pixels, atol=1e-4)
+
+
+@pytest.mark.parametrize("L, dtype", [(256, torch.float32), (1024, torch.float32), (256, torch.float16)])
+def test_unmask_step_matches_scheduler_at_full_size(L, dtype):
+    """Every step of a 12-step run at the official grid sizes and codebook, on random logits: the float32 mask
+    counts (127 of 256 and 511 of 1024 at step 7) and every random draw must agree with AmusedScheduler."""
+    side, K, B, steps = int(L ** 0.5), 8192, 2, 12
+    sched = AmusedScheduler(mask_token_id=8255)
+    sched.set_timesteps(steps)
+    temps = torch.linspace(2.0, 0.0, steps)
+    logit_gen = gen(0)
+    ours = ref = torch.full((B, side, side), 8255)
+    g_ours, g_ref = gen(1), gen(1)
+    for i, t in enumerate(sched.timesteps):
+        logits = (3 * torch.randn(B, K, side, side, generator=logit_gen)).to(dtype)
+        ref = sched.step(logits, t, ref, generator=g_ref).prev_sample
+        ours = unmask_step(logits, ours, i, steps, mask_id=8255, temperature=temps[i], generator=g_ours)
+        assert torch.equal(ours, ref), f"step {i}"
+        assert (ours == 8255).sum(dim=(1, 2)).tolist() == [num_masked_after(i, steps, L)] * B
+    assert (ours != 8255).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Invariants of our loop, on their own
+
+
+def record_steps(call):
+    seen = []
+    out = call(callback=lambda step, tokens: seen.append((step, tokens.clone())))
+    return out, seen
+
+
+@pytest.mark.parametrize("mode", ["t2i", "img2img", "inpaint"])
+def test_sampling_invariants(tiny, mode):
+    _, ours, _ = tiny
+    steps = 10
+    image, mask = smooth_images(1, 32, 32, seed=8), square_mask("tensor")
+    call = {
+        "t2i": lambda **o: ours(PROMPTS, steps=steps, generator=gen(9), output_type="tokens", **o),
+        "img2img": lambda **o: ours.img2img(PROMPTS, image, strength=0.6, steps=steps, generator=gen(9), output_type="tokens", **o),
+        "inpaint": lambda **o: ours.inpaint(PROMPTS, image, mask, steps=steps, generator=gen(9), output_type="tokens", **o),
+    }[mode]
+    out, seen = record_steps(call)
+    L = 8 * 8
+    assert [s for s, _ in seen] == list(range(steps - len(seen), steps))  # the last len(seen) steps, in order
+    for (_, before), (step, after) in zip(seen, seen[1:]):
+        committed = before != MASK_ID
+        assert torch.equal(after[committed], before[committed]), f"step {step} changed a committed token"
+        n_before, n_after = (before == MASK_ID).sum((1, 2)), (after == MASK_ID).sum((1, 2))
+        assert (n_after < n_before).all() | (n_before == 0).all(), "the masked count must fall every step"
+        if mode == "t2i":  # the schedule alone decides the count (inpaint scales it by the masked fraction)
+            expected = 0 if step == steps - 1 else max(1, min(num_masked_after(step, steps, L), int(n_before[0]) - 1))
+            assert n_after.tolist() == [expected] * 2
+    assert torch.equal(seen[-1][1], out) and (out != MASK_ID).all()  # the last step leaves none masked
+
+
+def test_schedule_counts():
+    """num_masked_after: starts near L, falls monotonically, ends at 0, and rounds in float32 like the reference."""
+    for steps, L in [(12, 256), (12, 1024), (16, 256), (2, 1024)]:
+        counts = [num_masked_after(i, steps, L) for i in range(steps)]
+        assert counts[-1] == 0 and counts[0] < L
+        assert all(a > b for a, b in zip(counts, counts[1:]))
+    assert num_masked_after(7, 12, 256) == 127  # float32 cos(pi/3) = 0.49999997; float64 would give 128
+    assert num_masked_after(4, 10, 100, "linear") == 50
+    with pytest.raises(ValueError, match="unknown masking schedule"):
+        num_masked_after(0, 12, 256, "square")
+
+
+def test_same_seed_same_result_and_converted_file(tiny, tmp_path):
+    _, ours, hub = tiny
+    a = ours("a cat", steps=4, generator=gen(3), output_type="tokens")
+    b = ours("a cat", steps=4, generator=gen(3), output_type="tokens")
+    c = ours("a cat", steps=4, generator=gen(4), output_type="tokens")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    out = tmp_path / "tiny.safetensors"
+    convert_weights.convert(hub, out)
+    assert torch.equal(Amused.from_pretrained(out)("a cat", steps=4, generator=gen(3), output_type="tokens"), a)
+
+
+def test_output_types(tiny):
+    _, ours, _ = tiny
+    pil = ours("a cat", steps=2, generator=gen(0))
+    pt = ours("a cat", steps=2, generator=gen(0), output_type="pt")
+    assert isinstance(pil, list) and pil[0].size == (32, 32) and pil[0].mode == "RGB"
+    assert pt.shape == (1, 3, 32, 32) and 0 <= pt.min() and pt.max() <= 1
+    assert torch.equal(torch.from_numpy(__import__("numpy").array(pil[0])).permute(2, 0, 1), (pt[0] * 255).round().byte())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_arguments(tiny):
+    _, ours, _ = tiny
+    image = smooth_images(1, 32, 32, seed=0)
+    cases = [
+        (lambda: ours("a", steps=0), ValueError, "steps must be an integer >= 1"),
+        (lambda: ours("a", guidance_scale=-1.0), ValueError, "guidance_scale must be >= 0"),
+        (lambda: ours("a", output_type="np"), ValueError, "output_type"),
+        (lambda: ours("a", num_images_per_prompt=0), ValueError, "num_images_per_prompt"),
+        (lambda: ours(["a", 3]), TypeError, "prompt must be"),
+        (lambda: ours(PROMPTS, negative_prompt=["x"]), ValueError, "negative_prompt must be a string or a list of 2"),
+        (lambda: ours.img2img("a", image, strength=0.0), ValueError, r"strength must be in \(0, 1\]"),
+        (lambda: ours.img2img("a", image, strength=1.5), ValueError, r"strength must be in \(0, 1\]"),
+        (lambda: ours.img2img("a", smooth_images(1, 64, 64, 0)), ValueError, "works on 32x32 images"),
+        (lambda: ours.img2img("a", "cat.png"), TypeError, "PIL image or a torch tensor"),
+        (lambda: ours.inpaint("a", image, torch.ones(1, 1, 32, 16)), ValueError, "same aspect ratio"),
+        (lambda: ours.inpaint("a", image, torch.ones(1, 1, 32, 32), strength=0.05), ValueError, "nothing would fill"),
+        (lambda: ours.inpaint("a", image, Image.new("L", (32, 32)), strength=0.5), ValueError, "no token to repaint"),
+        (lambda: ours.img2img(PROMPTS * 2, smooth_images(3, 32, 32, 0)), ValueError, "3 images for 4 prompts"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+
+
+def test_image_not_a_multiple_of_the_token_size_is_resized_like_the_reference(tiny):
+    ref, ours, _ = tiny
+    i2i = reference_variant(ref, AmusedImg2ImgPipeline)
+    image = smooth_images(1, 34, 35, seed=1)  # -> 32x32, nearest, as VaeImageProcessor does for tensors
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = i2i("a cat", image=image, num_inference_steps=6, generator=gen(2), output_type="latent").images
+    with pytest.warns(UserWarning, match="not a multiple of 4: resized to 32x32"):
+        got = ours.img2img("a cat", image, steps=6, generator=gen(2), output_type="tokens")
+    assert torch.equal(got, expected)
