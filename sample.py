@@ -228,8 +228,7 @@ def main(prompt: str, checkpoint: str = "amused/amused-256", negative_prompt: st
         # Every step calls the U-ViT on the same shapes, (2B, h, w) with guidance, in all three modes, so one
         # compiled graph serves every run. A short text-to-image warm-up (same batch, same guidance) compiles it
         # and records the CUDA graphs before we time anything.
-        pipe.transformer.forward_with_conditions = torch.compile(pipe.transformer.forward_with_conditions,
-                                                                 mode="reduce-overhead")
+        pipe.transformer.predict = torch.compile(pipe.transformer.predict, mode="reduce-overhead")
         t0 = time.perf_counter()
         pipe(prompt, negative_prompt, steps=3, guidance_scale=guidance_scale, num_images_per_prompt=num_images,
              generator=torch.Generator().manual_seed(seed), output_type="tokens")

@@ -521,6 +521,12 @@ class UViT(nn.Module):
     def forward_with_conditions(self, ids, conds: Conditions):
         """Logits for a token grid under precomputed conditions. ids: (B, h, w) long -> (B, codebook_size, h, w)."""
         self._check_ids(ids, conds.batch_size)
+        return self.predict(ids, conds)
+
+    def predict(self, ids, conds: Conditions):
+        """forward_with_conditions without the input checks, for sampling loops whose ids are valid by
+        construction: the checks read values back from the device (a host sync each step), and a compiled
+        CUDA-graph step must have none."""
         x = self.embed(ids)  # (B, C, h, w)
         x = self.down_block(x, conds.down_block)  # (B, C, H, W); H = h/2 with downsampling
         B, C, H, W = x.shape
