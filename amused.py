@@ -15,12 +15,14 @@ How sampling works (MUSE, Chang et al. 2023, ยง2.6; aMUSEd, Patil et al. 2024, ย
 Matches diffusers' AmusedPipeline, AmusedImg2ImgPipeline, AmusedInpaintPipeline and AmusedScheduler: same seed
 (a torch.Generator), same tokens, drawing the same random numbers in the same order (tests/test_amused.py).
 """
+import json
 import math
 import warnings
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 
 import clip_text
 import uvit
@@ -203,6 +205,10 @@ class Amused:
         self.transformer: uvit.UViT = ckpt.transformer.to(device, dtype)
         # half-precision VQ weights follow the checkpoint's force_upcast (see vqgan.VQModel.upcast)
         self.vqvae: vqgan.VQModel = ckpt.vqvae.to(device, dtype)
+        if self.vqvae.quant_conv.weight.is_cuda:
+            # cuDNN's channels_last convolutions are markedly faster; on the CPU we keep the reference's layout,
+            # where the decoded pixels then equal diffusers' exactly
+            self.vqvae.to(memory_format=torch.channels_last)
         self.mask_id = ckpt.mask_token_id
         self.device, self.dtype = torch.device(device), dtype
 
@@ -318,7 +324,7 @@ class Amused:
 
         for step in range(start, steps):
             model_input = torch.cat([tokens, tokens]) if guided else tokens  # (2B, h, w): [negative; positive]
-            logits = self.transformer.forward_with_conditions(model_input, conds)  # (2B, K, h, w)
+            logits = self.transformer.predict(model_input, conds)  # (2B, K, h, w); tokens valid by construction
             if guided:
                 uncond, cond = logits.chunk(2)
                 logits = uncond + guidance_scale * (cond - uncond)  # (B, K, h, w)
@@ -371,3 +377,65 @@ class Amused:
         if tokens.shape[0] == 1:
             return tokens.expand(n_prompts, -1, -1)
         raise ValueError(f"{tokens.shape[0]} {what}s for {n_prompts} prompts: give one {what}, or one per prompt")
+
+    # ------------------------------------------------------------------------------------------------
+    # LoRA
+
+    @torch.no_grad()
+    def load_lora(self, path, scale: float = 1.0) -> None:
+        """Merge a LoRA file into the U-ViT: W += scale * (alpha / r) * B @ A for each adapted Linear layer.
+
+        path: a .safetensors file written by `train.py --lora`, or the pytorch_lora_weights.safetensors of diffusers'
+        examples/amused/train_amused.py. Keys are "transformer.<module>.lora_A.weight" (r, in) and
+        "transformer.<module>.lora_B.weight" (out, r); our module names are UVit2DModel's, so they map by identity.
+        alpha is read from the metadata diffusers defines, "lora_adapter_metadata": {"transformer.lora_alpha": ...}.
+        Without it, alpha = r (scale 1), as diffusers' loader does (peft_utils.get_peft_kwargs); note that
+        train_amused.py trains with alpha 32, r 16 but does not save alpha, so its files load at half strength
+        in diffusers too: pass scale=2.0 to get what it trained.
+        The merge is done in float32 and cast back to the weights' dtype; it is permanent: reload the pipeline to
+        undo it. Nothing is changed unless the whole file checks out.
+        """
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        try:
+            config = json.loads(meta.get("lora_adapter_metadata", "{}"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: bad lora_adapter_metadata JSON ({e})") from e
+        for key in ("transformer.alpha_pattern", "transformer.rank_pattern", "transformer.use_dora"):
+            if config.get(key):
+                raise ValueError(f"{path}: {key} = {config[key]!r} is not supported (one alpha for all layers, "
+                                 f"plain LoRA)")
+        alpha = config.get("transformer.lora_alpha")
+
+        pairs, problems = {}, []
+        for key, t in tensors.items():
+            module, _, kind = key.removeprefix("transformer.").rpartition(".lora_")
+            if not key.startswith("transformer.") or kind not in ("A.weight", "B.weight"):
+                problems.append(f"{key} (expected transformer.<module>.lora_A.weight / .lora_B.weight; "
+                                f"text-encoder LoRA is not supported)")
+                continue
+            pairs.setdefault(module, {})[kind[0]] = t
+        modules = dict(self.transformer.named_modules())
+        for module, ab in pairs.items():
+            layer = modules.get(module)
+            if not isinstance(layer, torch.nn.Linear):
+                problems.append(f"{module} (not a Linear layer of the U-ViT)")
+            elif set(ab) != {"A", "B"}:
+                problems.append(f"{module} (has lora_{next(iter(ab))} but not lora_{'B' if 'A' in ab else 'A'})")
+            elif (ab["A"].ndim != 2 or ab["B"].ndim != 2 or ab["A"].shape[0] != ab["B"].shape[1]
+                  or ab["A"].shape[1] != layer.in_features or ab["B"].shape[0] != layer.out_features):
+                problems.append(f"{module} (lora_A {tuple(ab['A'].shape)}, lora_B {tuple(ab['B'].shape)} do not fit a "
+                                f"Linear {layer.in_features} -> {layer.out_features})")
+        if problems or not pairs:
+            raise ValueError(f"{path}: not a LoRA file for this U-ViT: {'; '.join(problems[:3]) or 'no tensors'}"
+                             + (f" and {len(problems) - 3} more" if len(problems) > 3 else ""))
+
+        for module, ab in pairs.items():
+            w = modules[module].weight
+            rank = ab["A"].shape[0]
+            delta = (scale * (rank if alpha is None else alpha) / rank) * (ab["B"].float() @ ab["A"].float())
+            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))

@@ -89,7 +89,6 @@ def bench_one(preset, batch, device, dtype_name, compile, steps, repeats, warmup
             seconds, peak = timed(fn, device)
             times[name].append(seconds / batch)
             peaks[name] = max(peaks[name], peak)
-    del ref, ours
     return times, peaks, same
 
 

@@ -112,6 +112,7 @@ class CLIPTokenizer:
 
     def __init__(self, files: dict[str, str], source: Path = Path("tokenizer")):
         """files: file name -> text, for each of TOKENIZER_FILES; `source` names them in error messages."""
+        self.files = dict(files)  # kept so that a saved model can carry its tokenizer along
 
         def parse_json(name):
             try:

@@ -273,6 +273,41 @@ def load_checkpoint(src, variant: str | None = None) -> Checkpoint:
     return load_converted(path) if path.is_file() else load_hub_folder(path, variant)
 
 
+def single_file_metadata(configs: dict, tokenizer_files: dict[str, str], mask_token_id: int,
+                         masking_schedule: str) -> dict[str, str]:
+    """The metadata of our single-file format: configs (component name -> our config dataclass), the tokenizer
+    files' texts and the scheduler settings."""
+    meta = {"format": FORMAT_VERSION}
+    meta.update({f"{name}.config": json.dumps(dataclasses.asdict(cfg)) for name, cfg in configs.items()})
+    meta.update({TOKENIZER_PREFIX + name: text for name, text in tokenizer_files.items()})
+    meta["scheduler.config"] = json.dumps({"mask_token_id": mask_token_id, "masking_schedule": masking_schedule})
+    return meta
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp) to a temporary file beside `path`, then rename it to `path`, so that an interruption never
+    leaves a half-written `path`. The file gets the permissions the umask gives new files (safetensors creates
+    its files 0600)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_single_file(path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Write tensors ("<component>.<key>") and metadata (single_file_metadata) atomically."""
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write it ({e.strerror or e})") from e
+
+
 def convert(folder, out, dtype: torch.dtype | None = None, variant: str | None = None) -> dict:
     """Write the hub checkpoint in `folder` as one safetensors file at `out`, cast to `dtype` (None: keep the
     dtype of the source files).
@@ -283,7 +318,7 @@ def convert(folder, out, dtype: torch.dtype | None = None, variant: str | None =
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
-    tensors, meta, summary = {}, {"format": FORMAT_VERSION}, {}
+    tensors, configs, summary = {}, {}, {}
     for comp in COMPONENTS.values():
         cfg = hub_config(folder / comp.name, comp)
         path = weights_file(folder / comp.name, comp.weights, variant)
@@ -293,26 +328,16 @@ def convert(folder, out, dtype: torch.dtype | None = None, variant: str | None =
         for k, t in sd.items():
             tensors[f"{comp.name}.{k}"] = (t.to(dtype) if dtype else t).contiguous()
         del sd
-        meta[f"{comp.name}.config"] = json.dumps(dataclasses.asdict(cfg))
+        configs[comp.name] = cfg
         summary[comp.name] = (len(model.state_dict()), sum(p.numel() for p in model.parameters()))
     try:
         files = clip_text.read_tokenizer_files(folder / "tokenizer")
         clip_text.CLIPTokenizer(files, source=folder / "tokenizer")  # fail now, not when someone loads the file
     except (FileNotFoundError, ValueError) as e:
         raise CheckpointError(str(e)) from e
-    meta.update({TOKENIZER_PREFIX + name: text for name, text in files.items()})
     sched_path = folder / "scheduler" / "scheduler_config.json"
     mask_id, schedule = scheduler_settings(read_json(sched_path), sched_path)
-    meta["scheduler.config"] = json.dumps({"mask_token_id": mask_id, "masking_schedule": schedule})
-
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, out)
-    except OSError as e:
-        raise CheckpointError(f"{out}: cannot write it ({e.strerror or e})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_single_file(out, tensors, single_file_metadata(configs, files, mask_id, schedule))
     summary["bytes"] = out.stat().st_size
     summary["dtypes"] = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     return summary

@@ -105,6 +105,9 @@ def test_cli_converts_tiny_checkpoint(tiny_hub, tmp_path, dtype):
     assert "transformer" in r.stdout and "parameters" in r.stdout and str(cw.DTYPES[dtype])[6:] in r.stdout
     assert_same_tensors(cw.load_checkpoint(out), tiny_hub, dtype=cw.DTYPES[dtype])
     assert not [p for p in tmp_path.iterdir() if p.name != out.name]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not safetensors' 0600
 
 
 def test_converted_file_keeps_the_tokenizer_and_scheduler(tiny_hub, tmp_path):

@@ -1,0 +1,653 @@
+"""Tests of train.py on a tiny random-weight checkpoint in the hub layout (32x32 images, 8x8 tokens, codebook 64).
+
+- the objective: masks drawn like the reference's, the loss equal to one computed with diffusers' UVit2DModel (and
+  the reference's VQ and text encoder) on the same weights, masks and inputs;
+- training works: a tiny model overfits two captioned images;
+- the data: .txt captions, metadata.jsonl, a single image; unreadable images skipped with a warning; crops and
+  micro-conditioning of non-square images;
+- safety: --resume is bit-exact on the CPU; Ctrl-C saves; two gloo processes give the single-process update;
+- LoRA: only adapters train, merging agrees, the file reloads into the pipeline (ours and diffusers' key format);
+- prompt dropout has probability p; gradient checkpointing keeps the gradients and stores fewer activations;
+  --optimizer adamw8bit without bitsandbytes is a one-line error.
+Not tested here: CUDA memory and speed (no GPU in CI), and 8-bit Adam itself (bitsandbytes needs CUDA).
+"""
+import importlib.util
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY_UVIT, assert_close, perturb_, reference_pipeline, save_hub_checkpoint, smooth_images
+import train
+import uvit
+from amused import Amused
+from convert_weights import load_checkpoint
+
+MASK_ID = TINY_UVIT["vocab_size"] - 1
+L = TINY_UVIT["sample_size"] ** 2  # 64 tokens per image
+CAPTIONS = ["a photo of a cat", "a painting of a dog in the park"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # see test_sample.py: tiny models are fastest, and reproducible, on one thread
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_png(tensor, path):
+    """(3, H, W) in [0, 1] -> PNG file."""
+    Image.fromarray((tensor.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_tokenizer_dir):
+    """The tiny hub checkpoint (and the diffusers pipeline it was saved from), and a folder of two captioned
+    images: 40x32 and 32x48, so both crop directions occur."""
+    root = tmp_path_factory.mktemp("train")
+    ref = reference_pipeline("tiny", tiny_tokenizer_dir, seed=5)
+    hub = save_hub_checkpoint(ref, root / "hub", tiny_tokenizer_dir)
+    data = root / "data"
+    data.mkdir()
+    write_png(smooth_images(1, 32, 40, seed=1)[0], data / "cat.png")
+    write_png(smooth_images(1, 48, 32, seed=2)[0], data / "dog.png")
+    for name, caption in zip(["cat", "dog"], CAPTIONS):
+        (data / f"{name}.txt").write_text(caption + "\n")
+    # 32x32: one crop each, so the token grids are fixed and can be learnt by heart
+    square = root / "square"
+    square.mkdir()
+    for i, (image, caption) in enumerate(zip(smooth_images(2, 32, 32, seed=7), CAPTIONS)):
+        write_png(image, square / f"{i}.png")
+        (square / f"{i}.txt").write_text(caption)
+    return dict(root=root, ref=ref, hub=str(hub), data=str(data), square=str(square))
+
+
+def run(files, out, **kw):
+    """train.main on the tiny checkpoint and the two captioned images, quietly (no logging, no saving on the way)."""
+    args = dict(checkpoint=files["hub"], data=files["data"], out=str(files["root"] / out), batch_size=2,
+                max_steps=4, log_every=1, save_every=0, device="cpu")
+    return train.main(**{**args, **kw})
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def read_log(files, out):
+    return [json.loads(line) for line in (files["root"] / out / train.LOG_FILE).read_text().splitlines()]
+
+
+def transformer_of(path):
+    """The U-ViT weights of a saved full model file."""
+    return {k.removeprefix("transformer."): t for k, t in load_file(path).items() if k.startswith("transformer.")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The objective
+
+
+def reference_masking(ids, generator, mask_id, min_masking_rate=0.0):
+    """The masking lines of diffusers' examples/amused/train_amused.py (with a generator for the draws)."""
+    B, L = ids.shape
+    timesteps = torch.rand(B, generator=generator)
+    mask_prob = torch.cos(timesteps * math.pi * 0.5)
+    mask_prob = mask_prob.clip(min_masking_rate)
+    num_token_masked = (L * mask_prob).round().clamp(min=1)
+    batch_randperm = torch.rand(B, L, generator=generator).argsort(dim=-1)
+    mask = batch_randperm < num_token_masked.unsqueeze(-1)
+    return torch.where(mask, mask_id, ids), torch.where(mask, ids, -100)
+
+
+def test_masking_matches_reference_and_is_uniform():
+    B, N = 4000, 8
+    ids = torch.randint(0, 64, (B, N, N), generator=torch.Generator().manual_seed(0))
+    for min_rate in (0.0, 0.3):
+        ours = train.mask_tokens(ids, torch.Generator().manual_seed(1), MASK_ID, min_rate)
+        ref = reference_masking(ids.view(B, -1), torch.Generator().manual_seed(1), MASK_ID, min_rate)
+        assert torch.equal(ours[0].view(B, -1), ref[0]) and torch.equal(ours[1].view(B, -1), ref[1])
+    input_ids, labels = ours
+    masked = (input_ids == MASK_ID).view(B, -1)
+    assert torch.equal(masked, (labels != train.IGNORE).view(B, -1)), "labels exactly at the masked positions"
+    assert torch.equal(labels[labels != train.IGNORE], ids[labels != train.IGNORE])
+    assert torch.equal(input_ids[~masked.view(B, N, N)], ids[~masked.view(B, N, N)]), "the rest unchanged"
+    counts = masked.sum(1)
+    assert counts.min() >= 1 and counts.max() == L
+    # The count is the schedule's: replaying t gives it, and the sampler's schedule function gives the ratio
+    t = torch.rand(B, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(counts, train.num_masked(t, L, 0.3))
+    assert train.num_masked(torch.tensor([0.0, 0.5, 0.99999, 1.0]), L).tolist() == [64, 45, 1, 1]  # >= 1 at t = 1
+    # Uniform over positions: given n masked, each position has probability n / L
+    p = counts[:, None].float() / L
+    expected, std = p.sum(0), (p * (1 - p)).sum(0).sqrt()
+    z = (masked.sum(0) - expected) / std
+    print(f"position frequency z-scores: max |z| {z.abs().max():.2f} over {L} positions")
+    assert z.abs().max() < 4.5
+
+
+def test_loss_equals_diffusers_uvit2d():
+    """training_loss on our U-ViT = cross-entropy over the masked tokens of diffusers' UVit2DModel's logits, on
+    the same state dict (strict), masks and inputs. fp32 on the CPU: we measure ~1e-7 relative; bound 1e-6."""
+    from diffusers import UVit2DModel
+
+    torch.manual_seed(0)
+    ref = perturb_(UVit2DModel(**TINY_UVIT).eval(), seed=1)
+    ours = uvit.UViT(uvit.config_from_hub(dict(ref.config)))
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(2)
+    B = 6
+    ids = torch.randint(0, 64, (B, 8, 8), generator=g)
+    input_ids, labels = train.mask_tokens(ids, g, MASK_ID, 0.0)
+    hidden, pooled = torch.randn(B, 77, 32, generator=g), torch.randn(B, 24, generator=g)
+    micro = torch.tensor([[256.0, 384.0, 12.0, 0.0, 6.0]]).repeat(B, 1)
+
+    loss = train.training_loss(ours, input_ids, labels, hidden, pooled, micro)
+    logits = ref(input_ids, encoder_hidden_states=hidden, micro_conds=micro, pooled_text_emb=pooled)  # (B, K, 8, 8)
+    logits = logits.reshape(B, 64, -1).permute(0, 2, 1).reshape(-1, 64)
+    ref_loss = F.cross_entropy(logits, labels.view(-1), ignore_index=-100)
+    # the same by hand: only masked positions count, each once
+    m = labels.view(-1) != -100
+    by_hand = -logits.log_softmax(-1)[m].gather(1, labels.view(-1)[m, None]).mean()
+    all_positions = F.cross_entropy(logits, ids.view(-1))
+    rel = abs(loss.item() - ref_loss.item()) / ref_loss.item()
+    print(f"loss {loss.item():.6f}, diffusers {ref_loss.item():.6f}, relative diff {rel:.1e}; "
+          f"over all positions it would be {all_positions.item():.6f}")
+    assert rel < 1e-6
+    assert abs(ref_loss.item() - by_hand.item()) < 1e-6 * ref_loss.item()
+    # counting the unmasked positions too would be caught: 100x the tolerance (random weights: flat logits)
+    assert abs(all_positions.item() - ref_loss.item()) > 1e-4 * ref_loss.item()
+    n = (labels != -100).sum()
+    summed = train.training_loss(ours, input_ids, labels, hidden, pooled, micro, reduction="sum")
+    assert abs(summed.item() / n.item() - loss.item()) < 1e-6 * loss.item()
+    smooth = train.training_loss(ours, input_ids, labels, hidden, pooled, micro, label_smoothing=0.1)
+    ref_smooth = F.cross_entropy(logits, labels.view(-1), ignore_index=-100, label_smoothing=0.1)
+    assert abs(smooth.item() - ref_smooth.item()) < 1e-6 * ref_smooth.item()
+
+
+def test_training_batch_loss_equals_reference_computation(files):
+    """A whole training batch (make_batch: crop, VQ tokens, masks, CLIP text) through our pipeline, against the
+    reference script's computation with diffusers' VQModel, CLIPTextModelWithProjection and UVit2DModel."""
+    ref = files["ref"]
+    pipe = Amused.from_pretrained(files["hub"])
+    data = train.Data(train.find_examples(files["data"], None), pipe.resolution, seed=0)
+    empty = pipe.encode_prompt([""])
+    numbers = [0, 1, 2, 3]  # two epochs of two images: different crops and masks
+    batch = train.make_batch(pipe, data, numbers, empty, 0.0, 0.0, "cosine")
+    pixels, micro, captions = zip(*(data.load(g) for g in numbers))
+    # the counts the training loop normalises by, replayed without the images, are the batch's
+    counts = (batch.labels != train.IGNORE).flatten(1).sum(1).tolist()
+    assert counts == [train.masked_count(0, g, L, 0.0, "cosine") for g in numbers]
+    with torch.no_grad():
+        tokens = ref.vqvae.quantize(ref.vqvae.encode(torch.stack(pixels)).latents)[2][2].reshape(4, 8, 8)
+        masked = batch.labels != train.IGNORE
+        assert torch.equal(batch.input_ids, torch.where(masked, MASK_ID, tokens))
+        assert torch.equal(batch.labels[masked], tokens[masked])
+        text_ids = ref.tokenizer(list(captions), padding="max_length", max_length=77, truncation=True,
+                                 return_tensors="pt").input_ids
+        out = ref.text_encoder(text_ids, return_dict=True, output_hidden_states=True)
+        hidden, pooled = out.hidden_states[-2], out.text_embeds
+        logits = ref.transformer(batch.input_ids, encoder_hidden_states=hidden, micro_conds=torch.stack(micro),
+                                 pooled_text_emb=pooled)
+        ref_loss = F.cross_entropy(logits.reshape(4, 64, -1).permute(0, 2, 1).reshape(-1, 64),
+                                   batch.labels.view(-1), ignore_index=-100)
+        loss = train.training_loss(pipe.transformer, batch.input_ids, batch.labels, batch.text_hidden, batch.pooled,
+                                   batch.micro_conds)
+    print(f"batch loss {loss.item():.6f}, reference {ref_loss.item():.6f}")
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 * ref_loss.item()  # text encoder and VQ in the chain too
+
+
+def test_prompt_dropout_has_probability_p(files):
+    pipe = Amused.from_pretrained(files["hub"])
+    data = train.Data(train.find_examples(files["data"], None), pipe.resolution, seed=3)
+    empty = pipe.encode_prompt([""])
+    numbers = list(range(400))
+    batches = {p: train.make_batch(pipe, data, numbers, empty, p, 0.0, "cosine") for p in (0.0, 0.5, 1.0)}
+    # the dropout draw comes after the mask draws, so p changes nothing else
+    assert all(torch.equal(b.input_ids, batches[0.0].input_ids) for b in batches.values())
+    captions = pipe.encode_prompt([data.load(g)[2] for g in numbers])
+    for p, b in batches.items():
+        dropped = (b.text_hidden == empty[0]).flatten(1).all(1)
+        assert torch.equal(dropped, (b.pooled == empty[1]).all(1)), "hidden states and pooled dropped together"
+        kept = ~dropped
+        assert torch.equal(b.text_hidden[kept], captions[0][kept]) and torch.equal(b.pooled[kept], captions[1][kept])
+        rate = dropped.float().mean().item()
+        print(f"p = {p}: dropped {rate:.3f} of {len(numbers)}")
+        assert abs(rate - p) < 0.075  # 3 standard deviations at p = 0.5, n = 400
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training runs
+
+
+def test_overfits_two_captioned_images(files):
+    """100 full fine-tuning steps at lr 2e-3 on two 32x32 captioned images (about 3 s). We measure the mean loss
+    of the first 5 steps 3.65 and of the last 5 0.20; the bound: the last below half the first."""
+    steps = run(files, "overfit", data=files["square"], max_steps=100, lr=2e-3)
+    assert steps == 100
+    losses = [e["loss"] for e in read_log(files, "overfit")]
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    print(f"loss: mean of the first 5 steps {first:.3f}, of the last 5 {last:.3f} (ln 64 = {math.log(64):.3f})")
+    assert last < 0.5 * first
+    # the saved model is a complete single file, loadable like a converted checkpoint
+    pipe = Amused.from_pretrained(files["root"] / "overfit" / train.MODEL_FILE)
+    assert pipe.resolution == 32
+    base = load_checkpoint(files["hub"])
+    for name in ("text_encoder", "vqvae"):  # frozen
+        for k, t in getattr(base, name).state_dict().items():
+            assert torch.equal(getattr(pipe, name).state_dict()[k], t), f"{name}.{k} changed"
+    assert not torch.equal(pipe.transformer.state_dict()["mlm_layer.conv2.weight"],
+                           base.transformer.state_dict()["mlm_layer.conv2.weight"])
+
+
+def test_resume_is_bit_exact(files):
+    """6 steps straight = 3 steps, stop, --resume to 6: every weight, the EMA, the optimizer moments and the loss
+    scale, with fp16 loss scaling, gradient accumulation, warm-up and EMA all in play."""
+    kw = dict(batch_size=1, grad_accum=2, max_steps=6, warmup_steps=4, ema=True, ema_decay=0.9, lr=1e-3,
+              mixed_precision="fp16", prompt_dropout=0.3, label_smoothing=0.1)
+    run(files, "straight", **kw)
+    assert run(files, "resumed", **{**kw, "max_steps": 3}) == 3
+    with pytest.raises(train.UsageError, match="pass --resume"):
+        run(files, "resumed", **kw)
+    with pytest.raises(train.UsageError, match="batch_size was 1, now 2"):
+        run(files, "resumed", **{**kw, "batch_size": 2}, resume=True)
+    assert run(files, "resumed", **kw, resume=True) == 6
+    a = torch.load(files["root"] / "straight" / train.STATE_FILE, weights_only=True)
+    b = torch.load(files["root"] / "resumed" / train.STATE_FILE, weights_only=True)
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+    assert all(torch.equal(x, y) for x, y in zip(a["ema"], b["ema"]))
+    for k, s in a["optimizer"]["state"].items():
+        assert all(torch.equal(s[n], b["optimizer"]["state"][k][n]) for n in s)
+    assert a["scaler"] == b["scaler"] and a["scaler"]["scale"] > 0
+    assert [e["loss"] for e in read_log(files, "straight")] == [e["loss"] for e in read_log(files, "resumed")]
+    model_a = transformer_of(files["root"] / "straight" / train.MODEL_FILE)
+    model_b = transformer_of(files["root"] / "resumed" / train.MODEL_FILE)
+    assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
+    # what is saved with --ema is the EMA, not the last weights
+    assert not torch.equal(model_a["mlm_layer.conv2.weight"], a["params"]["mlm_layer.conv2.weight"])
+
+
+def test_ctrl_c_saves_then_resumes(files):
+    """A real SIGINT to `python train.py`: it finishes the step, saves, exits 130, and --resume continues."""
+    out = files["root"] / "interrupted"
+    cmd = [sys.executable, "train.py", "--checkpoint", files["hub"], "--data", files["data"], "--out", str(out),
+           "--batch-size", "2", "--max-steps", "100000", "--log-every", "1", "--save-every", "0", "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_THREAD})
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 3/"):
+                proc.send_signal(signal.SIGINT)
+                break
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "SIGINT: stopping after this step" in stdout and "interrupted at step" in stdout, stdout
+    state = torch.load(out / train.STATE_FILE, weights_only=True)
+    k = state["step"]
+    assert k >= 3
+    # resume one more step in this process; equal to k + 1 steps straight (on one thread, across processes)
+    assert run(files, "interrupted", max_steps=k + 1, resume=True) == k + 1
+    run(files, "uninterrupted", max_steps=k + 1)
+    a = transformer_of(out / train.MODEL_FILE)
+    b = transformer_of(files["root"] / "uninterrupted" / train.MODEL_FILE)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def adam_moments_diff(run_a, run_b) -> float:
+    """The largest difference of Adam's moments (exp_avg, exp_avg_sq) between two runs' checkpoint.pt, relative to
+    each tensor's largest value."""
+    sa, sb = (torch.load(r / train.STATE_FILE, weights_only=True)["optimizer"]["state"] for r in (run_a, run_b))
+    return max(((sa[i][m] - sb[i][m]).abs().max() / sb[i][m].abs().max()).item()
+               for i in sb for m in ("exp_avg", "exp_avg_sq") if sb[i][m].abs().max() > 0)
+
+
+def test_two_process_ddp_equals_one_process(files):
+    """torchrun, 2 gloo processes x batch 1 = 1 process x batch 2 (= 1 process x 2 accumulated micro-batches of 1),
+    over 2 steps of AdamW. The gradients differ only in summation order (the all-reduce): Adam's moments, which hold
+    them (exp_avg = 0.1 g after one step), agree to ~3e-6 of their largest value; bound 2e-5 (a wrong gradient scale,
+    invisible in Adam's update, shows here).
+    The weights: Adam's first update is lr * g / (|g| + eps), about lr * sign(g), so a 1e-9 difference in a gradient
+    near zero moves a weight by up to ~lr * 1e-2; we measure 17 of 273,824 weights off by more than 1e-6, at most
+    1.1e-5 (lr 1e-3). Bounds: 0.1% of the weights beyond 1e-6, none beyond 3e-5."""
+    out = files["root"] / "ddp"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "train.py",
+                        "--checkpoint", files["hub"], "--data", files["data"], "--out", str(out), "--batch-size", "1",
+                        "--max-steps", "2", "--log-every", "1", "--lr", "1e-3", "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=180)
+    print(f"torchrun: {time.perf_counter() - t0:.1f} s")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("step 2/2") == 1, "rank 0 alone logs"
+    assert "processes               2" in r.stdout
+    run(files, "ddp-single", max_steps=2, lr=1e-3)
+    a = transformer_of(out / train.MODEL_FILE)
+    b = transformer_of(files["root"] / "ddp-single" / train.MODEL_FILE)
+    base = load_checkpoint(files["hub"]).transformer.state_dict()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    n_off = sum(((a[k] - b[k]).abs() > 1e-6).sum().item() for k in a)
+    n = sum(t.numel() for t in a.values())
+    moved = min((b[k] - base[k]).abs().max().item() for k in b)
+    moments = adam_moments_diff(out, files["root"] / "ddp-single")
+    print(f"DDP vs single process: Adam moments differ by {moments:.1e} of their largest value; weights: max abs "
+          f"diff {diff:.2e}, {n_off} of {n} beyond 1e-6; every tensor moved by >= {moved:.1e}")
+    assert moments < 2e-5
+    assert n_off < 1e-3 * n and diff < 3e-5 and moved > 1e-4
+    # the same batch as 2 accumulated micro-batches of 1 in one process
+    run(files, "accumulated", batch_size=1, grad_accum=2, max_steps=2, lr=1e-3)
+    accumulated = adam_moments_diff(files["root"] / "accumulated", files["root"] / "ddp-single")
+    print(f"--grad-accum 2 x 1 image vs 1 x 2 images: Adam moments differ by {accumulated:.1e}")
+    assert accumulated < 2e-5
+    losses = [json.loads(line)["loss"] for line in (out / train.LOG_FILE).read_text().splitlines()]
+    assert np.allclose(losses, [e["loss"] for e in read_log(files, "ddp-single")], rtol=1e-6)
+
+
+def test_ctrl_c_under_torchrun_saves(files):
+    """Ctrl-C in a terminal signals the whole process group: torchrun, which forwards it to its workers, and the
+    workers themselves. They must agree on the step to stop at, and rank 0 saves."""
+    out = files["root"] / "ddp-interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "train.py",
+                             "--checkpoint", files["hub"], "--data", files["data"], "--out", str(out),
+                             "--batch-size", "1", "--max-steps", "100000", "--log-every", "1", "--save-every", "0",
+                             "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_THREAD}, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 2/"):
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert "interrupted at step" in stdout, stdout + stderr[-2000:]
+    state = torch.load(out / train.STATE_FILE, weights_only=True)
+    assert state["step"] >= 2 and state["run"]["world_size"] == 2
+    with pytest.raises(train.UsageError, match="world_size was 2, now 1"):
+        run(files, "ddp-interrupted", batch_size=1, max_steps=state["step"] + 1, resume=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+def test_folder_with_txt_captions_skips_bad_images(files, tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / f"{name}.png").write_bytes((ROOT / files["data"] / f"{name}.png").read_bytes())
+        (tmp_path / f"{name}.txt").write_text(f"  a {name}\n")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+    (tmp_path / "corrupt.txt").write_text("never used")
+    write_png(smooth_images(1, 32, 32, seed=3)[0], tmp_path / "uncaptioned.png")
+    with pytest.warns(UserWarning) as record:
+        examples = train.find_examples(str(tmp_path), None)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "corrupt.png: skipped, not a readable image" in messages
+    assert "uncaptioned.png: skipped, no caption" in messages
+    assert [(e.path.name, e.caption) for e in examples] == [("cat.png", "a cat"), ("dog.png", "a dog")]
+    # an image that breaks after the start: a warning and the next image, not a crash
+    data = train.Data(examples, 32, seed=0)
+    (tmp_path / "cat.png").write_bytes(b"broken now")
+    with pytest.warns(UserWarning, match="cat.png: skipped, could not read it"):
+        loaded = [data.load(g)[2] for g in range(4)]
+    assert loaded == ["a dog"] * 4
+
+
+def test_metadata_jsonl_and_single_image(files, tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes((ROOT / files["data"] / "cat.png").read_bytes())
+    (tmp_path / "a.txt").write_text("ignored: metadata.jsonl takes precedence")
+    lines = [{"file_name": "imgs/a.png", "text": "a cat"}, {"file_name": "missing.png", "text": "x"}]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    with pytest.warns(UserWarning, match="missing.png not found: skipped"):
+        examples = train.find_examples(str(tmp_path), None)
+    assert [(e.path.name, e.caption) for e in examples] == [("a.png", "a cat")]
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "imgs/a.png"}\n')
+    with pytest.raises(train.UsageError, match="line 1: expected a JSON object with \"file_name\" and \"text\""):
+        train.find_examples(str(tmp_path), None)
+
+    image = str(tmp_path / "imgs" / "a.png")
+    assert [(e.path.name, e.caption) for e in train.find_examples(image, "a [V] cat")] == [("a.png", "a [V] cat")]
+    with pytest.raises(train.UsageError, match="give its caption with --prompt"):
+        train.find_examples(image, None)
+    with pytest.raises(train.UsageError, match="--prompt is for a single image"):
+        train.find_examples(str(tmp_path), "a cat")
+    with pytest.raises(train.UsageError, match="no such file or folder"):
+        train.find_examples(str(tmp_path / "nope"), None)
+
+
+@pytest.mark.parametrize("W, H", [(48, 32), (64, 96), (32, 32)])
+def test_crop_and_micro_conditioning(W, H):
+    """The shorter side resized to 32, a random 32x32 crop; micro-conds [orig W, orig H, top, left, 6]."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8))
+    resized = image.resize((32 * W // min(W, H), 32 * H // min(W, H)), Image.BILINEAR)
+    corners = set()
+    for seed in range(100):
+        pixels, micro = train.process_image(image, 32, torch.Generator().manual_seed(seed))
+        w, h, top, left, score = micro.tolist()
+        assert (w, h, score) == (W, H, 6.0)
+        assert 0 <= top <= resized.height - 32 and 0 <= left <= resized.width - 32
+        assert (top == 0 or H > W) and (left == 0 or W > H), "the crop moves along the longer side only"
+        crop = np.asarray(resized.crop((left, top, left + 32, top + 32)), dtype=np.float32) / 255
+        assert pixels.shape == (3, 32, 32) and torch.equal(pixels, torch.from_numpy(crop).permute(2, 0, 1))
+        corners.add((top, left))
+    assert len(corners) == (1 if W == H else 17)  # all 17 possible crops occur over the 100 seeds
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def test_lora_trains_only_adapters_and_merges(files):
+    pipe = Amused.from_pretrained(files["hub"])
+    before = {k: t.clone() for k, t in pipe.transformer.state_dict().items()}
+    data = train.Data(train.find_examples(files["data"], None), 32, seed=0)
+    empty = pipe.encode_prompt([""])
+    b = train.make_batch(pipe, data, [0, 1], empty, 0.0, 0.0, "cosine")
+    with torch.no_grad():
+        base_logits = pipe.transformer(b.input_ids, b.text_hidden, b.pooled, b.micro_conds)
+    torch.manual_seed(0)
+    pipe.transformer.requires_grad_(True)  # whatever the loader left: LoRA mode must freeze the base model itself
+    params = train.trainable_parameters(pipe.transformer, True, rank=4, alpha=8.0, targets=["to_q", "to_k", "to_v"])
+    names = sorted({n.rsplit(".lora_", 1)[0] for n in params})
+    n_attention = 2 * (TINY_UVIT["num_hidden_layers"] + 2 * TINY_UVIT["num_res_blocks"])  # attn1, attn2 each
+    assert len(names) == 3 * n_attention and all(n.rsplit(".", 1)[1] in ("to_q", "to_k", "to_v") for n in names)
+    assert len(params) == 2 * len(names) and all(n.endswith((".lora_A.weight", ".lora_B.weight")) for n in params)
+    opt = train.make_optimizer(params, "adamw", 1e-2, 0.01)
+    for step in range(3):
+        s = train.make_batch(pipe, data, [2 * step, 2 * step + 1], empty, 0.0, 0.0, "cosine")
+        train.training_loss(pipe.transformer, s.input_ids, s.labels, s.text_hidden, s.pooled, s.micro_conds).backward()
+        opt.step()
+        opt.zero_grad()
+    after = pipe.transformer.state_dict()
+    for k, t in before.items():  # base weights: same values, LoRA-wrapped ones under base_layer
+        key = k if k in after else k.replace(".weight", ".base_layer.weight")
+        assert torch.equal(after[key], t), f"{k} changed"
+    assert all(after[f"{n}.lora_B.weight"].abs().max() > 0 for n in names), "every adapter trained"
+
+    unmerged = train.training_loss(pipe.transformer, b.input_ids, b.labels, b.text_hidden, b.pooled, b.micro_conds)
+    with torch.no_grad():
+        logits = pipe.transformer(b.input_ids, b.text_hidden, b.pooled, b.micro_conds)
+        train.merge_lora(pipe.transformer)
+        merged_logits = pipe.transformer(b.input_ids, b.text_hidden, b.pooled, b.micro_conds)
+    assert set(pipe.transformer.state_dict()) == set(before), "merged: the original module tree"
+    # fp32: (W + s B A) x vs W x + s B (A x), a different summation order: we measure ~1e-6 on logits of size ~5
+    assert_close("merged vs unmerged LoRA logits", merged_logits, logits, atol=1e-5)
+    assert (merged_logits - base_logits).abs().max() > 1e-2, "the adapters changed nothing"
+    assert unmerged.isfinite()
+
+
+def test_lora_file_reloads_into_pipeline(files):
+    """A LoRA run (bf16 autocast, gradient checkpointing, validation grid): a small file in diffusers' format that
+    pipe.load_lora merges to exactly the trained adapters' effect, changing what the pipeline samples."""
+    out = files["root"] / "lora"
+    run(files, "lora", lora=True, lora_rank=4, lora_alpha=8.0, max_steps=3, lr=3e-2, mixed_precision="bf16",
+        gradient_checkpointing=True, validation_prompts=["a cat", "a dog"], validate_every=3)
+    assert Image.open(out / "validation-000003.png").size == (64, 32)
+    path = out / train.LORA_FILE
+    with safe_open(path, framework="pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+        tensors = {k: f.get_tensor(k) for k in keys}
+    config = json.loads(meta["lora_adapter_metadata"])
+    assert config == {"transformer.r": 4, "transformer.lora_alpha": 8.0,
+                      "transformer.target_modules": ["to_q", "to_k", "to_v"]}
+    assert "transformer.transformer_layers.0.attn1.to_q.lora_A.weight" in keys
+    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    transformer_bytes = (ROOT / files["hub"] / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size
+    print(f"LoRA file {path.stat().st_size} bytes, {len(keys)} tensors; the U-ViT's file {transformer_bytes} bytes")
+    assert path.stat().st_size < 0.2 * transformer_bytes
+
+    pipe = Amused.from_pretrained(files["hub"])
+    tokens_before = pipe("a cat", generator=seeded(0), output_type="tokens")
+    w0 = pipe.transformer.state_dict()["transformer_layers.0.attn1.to_q.weight"].clone()
+    pipe.load_lora(path)
+    w1 = pipe.transformer.state_dict()["transformer_layers.0.attn1.to_q.weight"]
+    A = tensors["transformer.transformer_layers.0.attn1.to_q.lora_A.weight"]
+    B = tensors["transformer.transformer_layers.0.attn1.to_q.lora_B.weight"]
+    assert_close("merged weight", w1, w0 + (8.0 / 4) * B @ A, atol=1e-7)
+    tokens_after = pipe("a cat", generator=seeded(0), output_type="tokens")
+    changed = (tokens_after != tokens_before).float().mean().item()
+    print(f"LoRA changed {changed:.0%} of the sampled tokens")
+    assert changed > 0.1
+
+    # the trained adapters, unmerged, on the training side give the same logits as the merged pipeline
+    side = Amused.from_pretrained(files["hub"])
+    train.add_lora(side.transformer, 4, 8.0, ["to_q", "to_k", "to_v"])
+    side.transformer.load_state_dict({**side.transformer.state_dict(),
+                                      **{k.removeprefix("transformer."): t for k, t in tensors.items()}}, strict=True)
+    ids = torch.randint(0, 64, (2, 8, 8), generator=seeded(1))
+    hidden, pooled = pipe.encode_prompt(["a cat", "a dog"])
+    micro = torch.tensor([[32.0, 32.0, 0.0, 0.0, 6.0]] * 2)
+    with torch.no_grad():
+        assert_close("pipeline + load_lora vs LoRA modules", pipe.transformer(ids, hidden, pooled, micro),
+                     side.transformer(ids, hidden, pooled, micro), atol=1e-5)
+
+
+def test_diffusers_lora_file_loads(files, tmp_path):
+    """A file as diffusers' AmusedLoraLoaderMixin.save_lora_weights writes it (train_amused.py --use_lora): no
+    alpha in the metadata, so alpha = rank, as diffusers loads it. Bad files fail naming the file, changing nothing."""
+    from diffusers.loaders.lora_pipeline import AmusedLoraLoaderMixin
+
+    g = torch.Generator().manual_seed(0)
+    layers = {}
+    for name, (out_f, in_f) in [("transformer_layers.1.attn2.to_v", (64, 64)),
+                                ("up_block.attention_blocks.0.attn1.to_q", (32, 32))]:
+        layers[f"{name}.lora_A.weight"] = torch.randn(3, in_f, generator=g)
+        layers[f"{name}.lora_B.weight"] = torch.randn(out_f, 3, generator=g)
+    AmusedLoraLoaderMixin.save_lora_weights(str(tmp_path), transformer_lora_layers=layers)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    pipe = Amused.from_pretrained(files["hub"])
+    before = {k: t.clone() for k, t in pipe.transformer.state_dict().items()}
+    pipe.load_lora(path, scale=0.5)
+    after = pipe.transformer.state_dict()
+    for name in ("transformer_layers.1.attn2.to_v", "up_block.attention_blocks.0.attn1.to_q"):
+        expected = before[f"{name}.weight"] + 0.5 * layers[f"{name}.lora_B.weight"] @ layers[f"{name}.lora_A.weight"]
+        assert_close(f"{name} merged", after[f"{name}.weight"], expected, atol=1e-6)
+    assert sum(not torch.equal(after[k], before[k]) for k in before) == 2
+
+    bad = {
+        "module": ({"transformer.nope.to_q.lora_A.weight": torch.zeros(3, 64),
+                    "transformer.nope.to_q.lora_B.weight": torch.zeros(64, 3)}, "nope.to_q \\(not a Linear layer"),
+        "text_encoder": ({"text_encoder.x.lora_A.weight": torch.zeros(3, 4)}, "text-encoder LoRA is not supported"),
+        "shape": ({"transformer.transformer_layers.0.attn1.to_q.lora_A.weight": torch.zeros(3, 32),
+                   "transformer.transformer_layers.0.attn1.to_q.lora_B.weight": torch.zeros(64, 3)}, "do not fit"),
+        "half": ({"transformer.transformer_layers.0.attn1.to_q.lora_A.weight": torch.zeros(3, 64)}, "but not lora_B"),
+    }
+    from safetensors.torch import save_file
+    for name, (tensors, message) in bad.items():
+        save_file({**tensors, **{f"transformer.{k}": v for k, v in layers.items()}}, tmp_path / f"{name}.safetensors")
+        with pytest.raises(ValueError, match=f"{name}.safetensors: not a LoRA file for this U-ViT: .*{message}"):
+            pipe.load_lora(tmp_path / f"{name}.safetensors")
+    now = pipe.transformer.state_dict()
+    assert all(torch.equal(now[k], t) for k, t in after.items()), "a failed load changed weights"
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        pipe.load_lora(tmp_path / "missing.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory, optimizer, schedule
+
+
+def saved_bytes(fn):
+    """Bytes of the tensors autograd stores for the backward pass while fn() runs (each storage counted once)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_gradient_checkpointing_same_gradients_fewer_activations(files):
+    pipe = Amused.from_pretrained(files["hub"])
+    data = train.Data(train.find_examples(files["data"], None), 32, seed=0)
+    b = train.make_batch(pipe, data, [0, 1, 2, 3], pipe.encode_prompt([""]), 0.0, 0.0, "cosine")
+    grads, stored = [], []
+    for checkpointing in (False, True):
+        model = Amused.from_pretrained(files["hub"]).transformer.train().requires_grad_(True)
+        if checkpointing:
+            train.enable_gradient_checkpointing(model)
+        loss, nbytes = saved_bytes(lambda: train.training_loss(model, b.input_ids, b.labels, b.text_hidden, b.pooled,
+                                                               b.micro_conds))
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        stored.append(nbytes)
+    print(f"activations stored for backward: {stored[0] / 2**20:.2f} MiB without checkpointing, "
+          f"{stored[1] / 2**20:.2f} MiB with")
+    for n, g0 in grads[0].items():
+        assert torch.equal(grads[1][n], g0), f"{n}: gradients differ with checkpointing"
+    assert stored[1] < 0.5 * stored[0]
+
+
+def test_adamw8bit_without_bitsandbytes_is_a_clear_error(files, tmp_path):
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    with pytest.raises(train.UsageError, match="pip install bitsandbytes"):
+        run(files, "8bit", optimizer="adamw8bit")
+    # the command line: one line on stderr, exit code 2, before any model is loaded
+    r = subprocess.run([sys.executable, "train.py", "--checkpoint", str(tmp_path / "never-read"), "--data",
+                        files["data"], "--out", str(tmp_path / "o"), "--optimizer", "adamw8bit"],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=60)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: --optimizer adamw8bit needs bitsandbytes") and r.stderr.count("\n") == 1
+
+
+def test_lr_warmup_and_ema_match_reference():
+    assert [train.lr_at(s, 1e-3, 4) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert train.lr_at(0, 1e-3, 0) == 1e-3
+    from diffusers.training_utils import EMAModel
+
+    params = [torch.nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(0)))]
+    ref = EMAModel(params, decay=0.99)
+    ours = [params[0].detach().clone()]
+    for step in range(20):
+        with torch.no_grad():
+            params[0].add_(torch.randn(5, generator=torch.Generator().manual_seed(step + 1)))
+        ref.step(params)
+        train.ema_update(ours, params, step, 0.99)
+    assert_close("EMA after 20 updates", ours[0], ref.shadow_params[0], atol=1e-6)
