@@ -292,6 +292,16 @@ AMUSED_TOKENIZER_FILES = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one thread: on a busy 2-core machine OpenMP's second thread makes tiny models up to
+    100x slower (for modules with tiny models only: full-size ones want every core)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))

@@ -43,12 +43,7 @@ def square_mask(H, W, top, left, size):
     return m
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models only
 
 
 @pytest.fixture(scope="module")

@@ -41,12 +41,7 @@ CAPTIONS = ["a photo of a cat", "a painting of a dog in the park"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # see test_sample.py: tiny models are fastest, and reproducible, on one thread
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models only
 
 
 def write_png(tensor, path):
