@@ -119,16 +119,10 @@ def unmask_step(logits, tokens, step: int, steps: int, *, mask_id: int, temperat
 # Images in and out
 
 
-def _image_to_tensor(image, what: str) -> torch.Tensor:
-    """PIL image or tensor in [0, 1] -> (B, C, H, W) float32."""
-    if isinstance(image, Image.Image):
-        return torch.from_numpy(np.array(image).astype(np.float32) / 255.0).reshape(image.height, image.width, -1).permute(2, 0, 1)[None]
-    if isinstance(image, torch.Tensor):
-        t = image[None] if image.ndim == 3 else image
-        if t.ndim != 4 or not t.is_floating_point():
-            raise ValueError(f"{what} must be a float tensor (B, C, H, W) or (C, H, W) in [0, 1], got {image.dtype} {tuple(image.shape)}")
-        return t.float()
-    raise TypeError(f"{what} must be a PIL image or a torch tensor, got {type(image).__name__}")
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> (1, C, H, W) float32 in [0, 1], as diffusers' pil_to_numpy then numpy_to_pt."""
+    pixels = torch.from_numpy(np.array(image).astype(np.float32) / 255.0)
+    return pixels.reshape(image.height, image.width, -1).permute(2, 0, 1)[None]
 
 
 def preprocess_image(image, size: int, multiple: int = 16) -> torch.Tensor:
@@ -146,14 +140,17 @@ def preprocess_image(image, size: int, multiple: int = 16) -> torch.Tensor:
     H, W = (image.height, image.width) if isinstance(image, Image.Image) else tuple(image.shape[-2:])
     h16, w16 = H - H % multiple, W - W % multiple
     if (h16, w16) != (H, W):
-        warnings.warn(f"image is {W}x{H}, not a multiple of {multiple}: resized to {w16}x{h16} like the reference", stacklevel=3)
+        warnings.warn(f"image is {W}x{H}, not a multiple of {multiple}: resized to {w16}x{h16} like the reference",
+                      stacklevel=3)
     if (h16, w16) != (size, size):
         raise ValueError(f"image is {W}x{H}; this model works on {size}x{size} images: resize or crop it first")
     if isinstance(image, Image.Image):
-        return _image_to_tensor(image.resize((w16, h16), resample=Image.LANCZOS), "image")
-    t = _image_to_tensor(image, "image")
-    if t.shape[1] != 3:
-        raise ValueError(f"image must have 3 channels (RGB), got {tuple(image.shape)}")
+        return pil_to_tensor(image.resize((w16, h16), resample=Image.LANCZOS))
+    t = image[None] if image.ndim == 3 else image
+    if t.ndim != 4 or t.shape[1] != 3 or not t.is_floating_point():
+        raise ValueError(f"an image tensor must be floats (B, 3, H, W) or (3, H, W) in [0, 1], "
+                         f"got {image.dtype} {tuple(image.shape)}")
+    t = t.float()
     return torch.nn.functional.interpolate(t, size=(h16, w16)) if (h16, w16) != (H, W) else t
 
 
@@ -173,7 +170,7 @@ def preprocess_mask(mask, image_hw: tuple[int, int], grid: tuple[int, int]) -> t
         raise ValueError(f"mask is {size[1]}x{size[0]} but the image is {image_hw[1]}x{image_hw[0]}: "
                          f"they must have the same aspect ratio")
     if isinstance(mask, Image.Image):
-        m = _image_to_tensor(mask.convert("L").resize((grid[1], grid[0]), resample=Image.LANCZOS), "mask")
+        m = pil_to_tensor(mask.convert("L").resize((grid[1], grid[0]), resample=Image.LANCZOS))
     else:
         m = mask.reshape(-1, 1, *size).float()
         m = torch.nn.functional.interpolate(m, size=grid)  # nearest
@@ -250,7 +247,8 @@ class Amused:
         """Image to image: mask a random fraction of the image's tokens (more for higher strength), then run the
         last int(steps * strength) steps of the schedule. image: PIL, or a tensor in [0, 1]."""
         prompts = self._check(prompt, steps, guidance_scale, num_images_per_prompt, output_type, strength)
-        pixels = preprocess_image(image, self.resolution, self.vqvae.cfg.downsample_factor).to(self.device)  # (B_img, 3, H, W)
+        pixels = preprocess_image(image, self.resolution, self.vqvae.cfg.downsample_factor)  # (B_img, 3, H, W)
+        pixels = pixels.to(self.device)
         start = steps - int(steps * strength)
         if start == steps:
             warnings.warn(f"strength {strength} x {steps} steps rounds down to 0 steps: the output is the input "
@@ -276,7 +274,8 @@ class Amused:
         """Inpainting: mask the image's tokens under the mask (white = repaint) and fill them in. The rest of the
         image comes back as its VQ reconstruction (it is not pasted back), like the reference."""
         prompts = self._check(prompt, steps, guidance_scale, num_images_per_prompt, output_type, strength)
-        pixels = preprocess_image(image, self.resolution, self.vqvae.cfg.downsample_factor).to(self.device)  # (B_img, 3, H, W)
+        pixels = preprocess_image(image, self.resolution, self.vqvae.cfg.downsample_factor)  # (B_img, 3, H, W)
+        pixels = pixels.to(self.device)
         start = steps - int(steps * strength)
         if start == steps:
             raise ValueError(f"strength {strength} x {steps} steps rounds down to 0 steps: nothing would fill the mask")
