@@ -105,6 +105,20 @@ def open_image(path: str, flag: str) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
+def fit_to_model(image: Image.Image, size: int, token: int, what: str) -> Image.Image:
+    """An image of another size than the model's, scaled (shorter side to `size`, Lanczos) and centre-cropped to
+    size x size, with a note. The pipelines themselves refuse other sizes; the command line does this for you.
+    Sizes within one token (`token` pixels) of the model's are left to the pipeline, which cuts them down like
+    the reference."""
+    if size <= min(image.width, image.height) and max(image.width, image.height) < size + token:
+        return image
+    scale = size / min(image.width, image.height)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    left, top = (w - size) // 2, (h - size) // 2
+    print(f"note: {what} is {image.width}x{image.height}; scaled to {w}x{h} and centre-cropped to {size}x{size}")
+    return image.resize((w, h), resample=Image.LANCZOS).crop((left, top, left + size, top + size))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Writing images
 
@@ -215,6 +229,11 @@ def main(prompt: str, checkpoint: str = "amused/amused-256", negative_prompt: st
     print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s: {pipe.resolution}x{pipe.resolution} images, "
           f"{pipe.grid_size}x{pipe.grid_size} tokens{vq_note}", flush=True)
 
+    if image is not None:
+        image = fit_to_model(image, pipe.resolution, pipe.vqvae.cfg.downsample_factor, "--init-image")
+    if mask_image is not None:
+        mask_image = fit_to_model(mask_image, pipe.resolution, pipe.vqvae.cfg.downsample_factor, "--mask")
+
     def generate(n_steps: int, generator: torch.Generator, callback) -> list[Image.Image]:
         kw = dict(steps=n_steps, guidance_scale=guidance_scale, generator=generator, num_images_per_prompt=num_images,
                   aesthetic_score=aesthetic_score, callback=callback)
@@ -300,7 +319,8 @@ if __name__ == "__main__":
                         "force_upcast")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the U-ViT (CUDA only; ignored with a note elsewhere)")
-    p.add_argument("--init-image", default=None, help="start from this image (image to image)")
+    p.add_argument("--init-image", default=None,
+                   help="start from this image (image to image); scaled and centre-cropped to the model's size")
     p.add_argument("--strength", type=float, default=None,
                    help="in (0, 1]: how much of --init-image to redo; None: 0.5, or 1.0 with --mask")
     p.add_argument("--mask", default=None, help="inpainting mask for --init-image: white = repaint")

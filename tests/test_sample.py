@@ -245,6 +245,23 @@ def test_img2img_equals_pipeline(files, pipe):
     assert_same_image(Image.open(out), ref, "img2img")
 
 
+def test_other_sizes_are_scaled_and_centre_cropped(files, pipe, tmp_path, capsys):
+    """The pipeline refuses a 64x48 image for a 32 px model; the command line scales the shorter side to 32 and
+    centre-crops (the image and the mask alike), then runs what the pipeline gives on that."""
+    big = Image.open(files["init"]).resize((64, 48), resample=Image.BICUBIC)
+    big.save(tmp_path / "big.png")
+    mask = Image.fromarray(square_mask(48, 64, 8, 20, 24))
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    sample.main(PROMPT, checkpoint=files["hub"], steps="4", init_image=str(tmp_path / "big.png"),
+                mask=str(tmp_path / "mask.png"), out=str(out))
+    assert "scaled to 43x32 and centre-cropped to 32x32" in capsys.readouterr().out
+    fitted = big.resize((43, 32), resample=Image.LANCZOS).crop((5, 0, 37, 32))
+    fitted_mask = mask.resize((43, 32), resample=Image.LANCZOS).crop((5, 0, 37, 32))
+    ref = pipe.inpaint(PROMPT, fitted, fitted_mask, generator=seeded(0), steps=4)[0]
+    assert_same_image(Image.open(out), ref, "64x48 inpainting")
+
+
 def test_inpaint_equals_pipeline(files, pipe):
     out = files["root"] / "inpaint.png"
     sample.main(PROMPT, checkpoint=files["hub"], steps="3", init_image=files["init"], mask=files["mask"],
