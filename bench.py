@@ -7,7 +7,9 @@ Both pipelines get the same random weights in the official configurations (timin
 values), the same prompt, seed and settings (12 steps, guidance 10). After a warm-up run of each, the runs
 alternate (diffusers, ours, diffusers, ours, ...), so a slow spell of the machine hits both. We report the median
 latency per image and the spread (min-max), the peak CUDA memory, whether the tokens were identical, and the
-ratio ours / diffusers. The table is printed and appended to bench/RESULTS.md with the machine named.
+ratio ours / diffusers. On the CPU ours runs twice, each against its own diffusers runs: exact (the default,
+bit-identical to diffusers) and exact=False (oneDNN matmuls); on CUDA eager and compiled. The table is printed
+and appended to bench/RESULTS.md with the machine named.
 Needs requirements-dev.txt (diffusers, transformers).
 """
 import argparse
@@ -30,7 +32,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
 
 
-def build_pipelines(preset: str, device: str, dtype: torch.dtype):
+def build_pipelines(preset: str, device: str, dtype: torch.dtype, exact: bool = True):
     """(diffusers AmusedPipeline, our Amused) holding the same random weights, official configuration."""
     from conftest import SHARED_TOKENIZER, reference_pipeline, write_tiny_tokenizer
     import clip_text
@@ -44,7 +46,7 @@ def build_pipelines(preset: str, device: str, dtype: torch.dtype):
         models[name] = build(comp, comp.config_from_hub(config), dict(module.state_dict()), f"diffusers {name}")
     ckpt = Checkpoint(clip_text.CLIPTokenizer.from_folder(tok), **models, mask_token_id=ref.scheduler.config.mask_token_id,
                       masking_schedule="cosine")
-    ours = Amused(ckpt, device, dtype)
+    ours = Amused(ckpt, device, dtype, exact)
     ref.to(device, dtype)
     ref.set_progress_bar_config(disable=True)
     return ref, ours
@@ -62,9 +64,9 @@ def timed(fn, device: str) -> tuple[float, int]:
     return time.perf_counter() - t0, torch.cuda.max_memory_allocated() if device == "cuda" else 0
 
 
-def bench_one(preset, batch, device, dtype_name, compile, steps, repeats, warmup):
+def bench_one(preset, batch, device, dtype_name, compile, exact, steps, repeats, warmup):
     dtype = DTYPES[dtype_name]
-    ref, ours = build_pipelines(preset, device, dtype)
+    ref, ours = build_pipelines(preset, device, dtype, exact)
     if compile:
         # diffusers as its model card recommends (compile the transformer); ours compiles the U-ViT token path
         # with CUDA graphs, which the fixed shapes of our loop allow
@@ -107,10 +109,15 @@ def main(models, batch_sizes, devices, dtypes, compile, steps, repeats, warmup, 
         for dtype_name in (["fp32"] if device == "cpu" else dtypes):
             for preset in models:
                 for batch in batch_sizes:
-                    for comp in ([False, True] if compile and device == "cuda" else [False]):
-                        label = f"{preset} b{batch} {device} {dtype_name}{' compiled' if comp else ''}"
+                    # (label suffix, compile, exact): on CUDA eager and compiled; on the CPU the exact mode and
+                    # exact=False (oneDNN matmuls), which changes nothing on CUDA
+                    variants = ([("", False, True)] + ([(" compiled", True, True)] if compile else [])
+                                if device == "cuda" else [("", False, True), (" exact=False", False, False)])
+                    for suffix, comp, exact in variants:
+                        label = f"{preset} b{batch} {device} {dtype_name}{suffix}"
                         print(f"running {label} ...", flush=True)
-                        times, peaks, same = bench_one(preset, batch, device, dtype_name, comp, steps, repeats, warmup)
+                        times, peaks, same = bench_one(preset, batch, device, dtype_name, comp, exact, steps, repeats,
+                                                       warmup)
                         med = {k: statistics.median(v) for k, v in times.items()}
                         row = (f"| {label} | {med['diffusers'] * 1e3:,.0f} ({min(times['diffusers']) * 1e3:,.0f}-"
                                f"{max(times['diffusers']) * 1e3:,.0f}) | {med['ours'] * 1e3:,.0f} "

@@ -8,12 +8,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import TINY_UVIT, assert_close, reference_pipeline, save_hub_checkpoint, smooth_images
+import torch.nn.functional as F
+from conftest import TINY_UVIT, assert_close, assert_nontrivial, reference_pipeline, save_hub_checkpoint, smooth_images
 from diffusers import AmusedImg2ImgPipeline, AmusedInpaintPipeline, AmusedPipeline, AmusedScheduler
 from PIL import Image
 
 import convert_weights
-from amused import Amused, num_masked_after, unmask_step
+import amused
+from amused import Amused, OneDNNLinear, num_masked_after, unmask_step
 
 MASK_ID = TINY_UVIT["vocab_size"] - 1
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse!"]
@@ -184,6 +186,83 @@ def test_fast_loop_equals_the_plain_loop(tiny):
             tokens = unmask_step(uncond + g * (cond - uncond), tokens, i, steps, mask_id=MASK_ID, temperature=temps[i],
                                  generator=generator)
     assert len(fast.unique()) > 5 and torch.equal(fast, tokens)
+
+
+# ----------------------------------------------------------------------------------------------------
+# exact=False: oneDNN matmuls on the CPU
+
+needs_onednn = pytest.mark.skipif(not amused.onednn_available(), reason="this PyTorch build has no oneDNN")
+
+
+@needs_onednn
+def test_onednn_linear_is_a_linear_summed_in_another_order():
+    """Within OneDNNLinear, F.linear on float32 CPU tensors is a float32 dot product summed in another order:
+    against the float64 result, every value is within the rounding bound that holds for any summation order,
+    K * 2^-24 * sum_k |x_k w_k| (Higham, Accuracy and Stability, §3.1; K = 768), for the input layouts the
+    models produce (3-d, a permuted 4-d map, with and without bias, keyword arguments), and the mean error is
+    within 2x the reference kernel's. The bits must differ from the reference kernel's somewhere, or oneDNN did
+    not run. Anything else falls through to the reference."""
+    g = gen(0)
+    w, b = torch.randn(3072, 768, generator=g), torch.randn(3072, generator=g)
+    inputs = {"3-d": torch.randn(2, 256, 768, generator=g),
+              "permuted 4-d": torch.randn(2, 768, 16, 16, generator=g).permute(0, 2, 3, 1)}
+    for name, x in inputs.items():
+        for bias in (None, b):
+            exact = F.linear(x, w, bias)
+            with torch.no_grad(), OneDNNLinear():
+                fast = F.linear(x, weight=w, bias=bias)
+            x64, w64, b64 = x.double(), w.double(), None if bias is None else bias.double()
+            truth = F.linear(x64, w64, b64)
+            bound = 769 * 2.0 ** -24 * F.linear(x64.abs(), w64.abs(), None if b64 is None else b64.abs())
+            assert fast.shape == exact.shape and fast.dtype == torch.float32
+            assert_nontrivial(name, fast)
+            err, ref_err = (fast - truth).abs(), (exact - truth).abs()
+            print(f"{name} bias={bias is not None}: error vs float64, max (mean): oneDNN {err.max():.2e} "
+                  f"({err.mean():.2e}), MKL {ref_err.max():.2e} ({ref_err.mean():.2e}); bound >= {bound.min():.2e}")
+            assert (err <= bound).all()
+            assert err.mean() <= 2 * ref_err.mean()  # a tighter, empirical check: measured 1.4x MKL's mean error
+            assert not torch.equal(fast, exact), f"{name}: bit-identical to MKL, so oneDNN did not run"
+
+    x = inputs["3-d"][:, :8]
+    with OneDNNLinear():  # autograd on: the reference kernel, which has a backward
+        y = F.linear(x.requires_grad_(), w)
+    assert torch.equal(y, F.linear(x, w)) and y.requires_grad
+    with torch.no_grad(), OneDNNLinear():  # other dtypes are not ours to change
+        assert torch.equal(F.linear(x.double(), w.double()), F.linear(x.double(), w.double()))
+
+
+@needs_onednn
+def test_inexact_mode_matches_diffusers(tiny):
+    """exact=False on the CPU: U-ViT logits within 1e-5 of their scale of UVit2DModel's (oneDNN's sums, ~1e-7
+    relative per matmul, compounded over the layers), and the same tokens as diffusers in text-to-image and
+    image-to-image runs: the differences only matter where two candidates tie to ~1e-6, which these seeded runs
+    do not meet (a failure here after a kernel change would mean such a tie, or a real bug: the logit check
+    tells which). Images: the VQ decoder runs in channels_last, atol 1e-4."""
+    ref, exact, folder = tiny
+    fast = Amused.from_pretrained(folder, exact=False)
+    hidden, pooled = exact.encode_prompt(PROMPTS)
+    micro = torch.tensor([[32, 32, 0, 0, 6.0]] * 2)
+    ids = torch.randint(0, MASK_ID + 1, (2, 8, 8), generator=gen(3))
+    with torch.no_grad():
+        ref_logits = ref.transformer(ids, hidden, pooled, micro)
+        with OneDNNLinear():
+            our_logits = fast.transformer(ids, hidden, pooled, micro)
+    assert_close("exact=False logits", our_logits, ref_logits, atol=1e-5 * ref_logits.abs().max().item())
+
+    kwargs = dict(negative_prompt=["blurry", "low quality"], num_images_per_prompt=2)
+    assert_same_run("exact=False t2i", lambda **o: ref(PROMPTS, num_inference_steps=12, generator=gen(4), **kwargs, **o),
+                    lambda **o: fast(PROMPTS, steps=12, generator=gen(4), **kwargs, **o))
+    image = smooth_images(2, 32, 32, seed=5)
+    i2i = reference_variant(ref, AmusedImg2ImgPipeline)
+    assert_same_run("exact=False img2img",
+                    lambda **o: i2i(PROMPTS, image=image, strength=0.6, num_inference_steps=12, generator=gen(6), **o),
+                    lambda **o: fast.img2img(PROMPTS, image, strength=0.6, steps=12, generator=gen(6), **o))
+
+
+def test_inexact_mode_needs_onednn(tiny, monkeypatch):
+    monkeypatch.setattr(amused, "onednn_available", lambda: False)
+    with pytest.raises(ValueError, match="oneDNN"):
+        Amused.from_pretrained(tiny[2], exact=False)
 
 
 # ----------------------------------------------------------------------------------------------------

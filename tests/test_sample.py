@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, reference_pipeline, save_hub_checkpoint, smooth_images
+import amused
 from amused import Amused
 import sample
 
@@ -135,12 +136,20 @@ def test_cli_prints_settings_once_and_progress_per_step(cli):
     assert r.stdout.count("settings:") == 1, r.stdout
     assert re.search(r"^  device +cpu$", r.stdout, re.M) and re.search(r"^  dtype +fp32$", r.stdout, re.M)
     assert re.search(r"^  compile +False$", r.stdout, re.M), "the resolved compile setting"
+    assert re.search(r"^  generator +cpu$", r.stdout, re.M), "--generator auto on the CPU"
     steps = [tuple(map(int, m)) for m in PROGRESS.findall(r.stdout)]
     assert [s[:2] for s in steps] == [(1, 3), (2, 3), (3, 3)], r.stdout
     masked = [s[2] for s in steps]
     assert all(s[3] == 64 for s in steps) and masked == sorted(masked, reverse=True) and masked[-1] == 0
     assert 0 < masked[0] < 64
     assert re.search(r"^generated 1 image in \d+\.\d+ s", r.stdout, re.M), "the time taken"
+
+
+def test_generator_device():
+    """auto draws on the GPU when sampling on CUDA (no per-step copy to the CPU), on the CPU elsewhere."""
+    assert sample.resolve_generator_device("auto", "cuda") == "cuda"
+    assert [sample.resolve_generator_device("auto", d) for d in ("cpu", "mps")] == ["cpu", "cpu"]
+    assert sample.resolve_generator_device("cpu", "cuda") == "cpu"
 
 
 def test_cli_image_not_multiple_of_token_size_warns_and_runs(cli, files, pipe):
@@ -243,6 +252,19 @@ def test_img2img_equals_pipeline(files, pipe):
     sample.main(PROMPT, checkpoint=files["hub"], steps="4", init_image=files["init"], out=str(out))
     ref = pipe.img2img(PROMPT, Image.open(files["init"]), 0.5, generator=seeded(0), steps=4)[0]  # default strength
     assert_same_image(Image.open(out), ref, "img2img")
+
+
+@pytest.mark.skipif(not amused.onednn_available(), reason="this PyTorch build has no oneDNN")
+def test_no_exact_runs_the_inexact_pipeline(files, capsys, monkeypatch):
+    """--no-exact loads Amused(exact=False) and gives what it gives; that mode's own checks are in test_amused.py."""
+    seen, load = {}, Amused.from_pretrained
+    monkeypatch.setattr(Amused, "from_pretrained", lambda *args, **kwargs: seen.update(kwargs) or load(*args, **kwargs))
+    out = files["root"] / "inexact.png"
+    sample.main(PROMPT, checkpoint=files["hub"], steps="3", out=str(out), exact=False)
+    assert seen["exact"] is False
+    assert re.search(r"^  exact +False$", capsys.readouterr().out, re.M)
+    fast = Amused.from_pretrained(files["hub"], exact=False)
+    assert_same_image(Image.open(out), fast(PROMPT, generator=seeded(0), steps=3)[0], "--no-exact")
 
 
 def test_other_sizes_are_scaled_and_centre_cropped(files, pipe, tmp_path, capsys):
