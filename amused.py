@@ -77,6 +77,18 @@ def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch
     return -torch.log((-torch.log(u.clamp(1e-20))).clamp(1e-20))
 
 
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw from each row of probs (N, K) -> (N, 1): torch.multinomial(probs, 1, generator=generator) exactly.
+
+    multinomial draws one sample by the Gumbel-max trick (its n_sample == 1 path in ATen's Distributions.cpp):
+    q ~ Exp(1) for every entry, then argmax(probs / q). We do the same three operations, so the random numbers,
+    their order and the result are the same, but skip its two validity checks, which read values back to the
+    host: a sync every step on a GPU. Non-finite logits are caught once per generation instead (Amused._generate).
+    """
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).argmax(dim=-1, keepdim=True)
+
+
 def unmask_step(logits, tokens, step: int, steps: int, *, mask_id: int, temperature: torch.Tensor,
                 schedule: str = "cosine", starting_mask_ratio: float | torch.Tensor = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -84,7 +96,8 @@ def unmask_step(logits, tokens, step: int, steps: int, *, mask_id: int, temperat
 
     logits: (B, K, h, w) guided logits over the codebook; tokens: (B, h, w) long, mask_id where masked;
     temperature: the Gumbel temperature of this step. Returns the new tokens (B, h, w).
-    Random draws, in order: one multinomial over (B*h*w, K), then (except on the last step) one uniform (B, h*w).
+    Random draws, in order: one multinomial over (B*h*w, K) (sample_categorical), then (except on the last step) one
+    uniform (B, h*w).
     """
     B, K, h, w = logits.shape
     L = h * w
@@ -93,12 +106,12 @@ def unmask_step(logits, tokens, step: int, steps: int, *, mask_id: int, temperat
     masked = tokens == mask_id  # (B, L)
     probs = logits.softmax(dim=-1)  # (B, L, K), in the model's dtype like the reference
 
-    # A candidate for every position. Matches reference: the probabilities go to the generator's device, and
-    # CPU multinomial needs float32.
+    # A candidate for every position. Matches reference: the probabilities go to the generator's device, and on
+    # the CPU in float32 (torch.multinomial has no CPU half), which makes the exponential draws float32 too.
     p = probs.to(generator.device) if generator is not None else probs
     if p.device.type == "cpu" and p.dtype != torch.float32:
         p = p.float()
-    pred = torch.multinomial(p.reshape(B * L, K), 1, generator=generator).to(probs.device).view(B, L)
+    pred = sample_categorical(p.reshape(B * L, K), generator).to(probs.device).view(B, L)
     pred = torch.where(masked, pred, tokens)  # committed tokens never change
     if step == steps - 1:
         return pred.view(B, h, w)  # the last step commits everything
@@ -368,17 +381,24 @@ class Amused:
                 else torch.linspace(temperature, 0.01, steps)  # matches reference: set_timesteps
             temps = temps.to(self.device)
 
+            finite = torch.ones((), dtype=torch.bool, device=self.device)  # read once, after the loop
             for step in range(start, steps):
                 model_input = torch.cat([tokens, tokens]) if guided else tokens  # (2B, h, w): [negative; positive]
                 logits = self.transformer.predict(model_input, conds)  # (2B, K, h, w); tokens valid by construction
                 if guided:
                     uncond, cond = logits.chunk(2)
                     logits = uncond + guidance_scale * (cond - uncond)  # (B, K, h, w)
+                # NaN or +inf logits make NaN probabilities, which torch.multinomial would reject (its host-side
+                # check, which sample_categorical skips): the same test, kept on the device
+                finite &= logits.amax() < math.inf
                 tokens = unmask_step(logits, tokens, step, steps, mask_id=self.mask_id, temperature=temps[step],
                                      schedule=schedule, starting_mask_ratio=starting_mask_ratio, generator=generator)
                 if callback is not None:
                     callback(step, tokens)
 
+            if not finite:
+                raise FloatingPointError(f"the U-ViT's logits were NaN or infinite at some step ({self.dtype}; in "
+                                         f"float16 an overflow): rerun in torch.bfloat16 or torch.float32")
             if output_type == "tokens":
                 return tokens
             images = self.vqvae.decode_ids(tokens)  # (B, 3, H, W) in [0, 1]

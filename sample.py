@@ -350,6 +350,6 @@ if __name__ == "__main__":
     warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     try:
         main(**vars(args))
-    except (UsageError, CheckpointError, FileNotFoundError, ValueError, TypeError, OSError) as e:
+    except (UsageError, CheckpointError, FileNotFoundError, ValueError, TypeError, OSError, FloatingPointError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)

@@ -7,8 +7,11 @@ For each model (random weights in the official configuration; needs no diffusers
   - fp32, fp16 and bf16 text-to-image (12 steps, guidance 10, CPU generator seed 0): NaN-free images, the share of
     tokens equal to the fp32 run, and the U-ViT logits' largest difference from fp32 relative to their scale;
   - fp16 with the U-ViT compiled (torch.compile, mode="reduce-overhead": CUDA graphs) against fp16 eager;
-  - the median latency of 3 runs of each.
-Prints a markdown table (append it to bench/RESULTS.md) and exits 1 if an image has a NaN or compiled != eager.
+  - the median latency of 3 runs of each;
+  - that the sampling loop makes no host synchronisation per step (torch.cuda.set_sync_debug_mode: a 4-step and a
+    12-step run, with a CUDA generator, must make the same number of syncs).
+Prints a markdown table (append it to bench/RESULTS.md) and exits 1 if an image has a NaN, compiled != eager, or
+a step syncs.
 Random weights give flat token distributions, so token agreement across dtypes is a weak signal here; the logit
 difference is the one to read.
 """
@@ -16,6 +19,7 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,6 +73,20 @@ def run(pipe: Amused, device: str, batch: int):
     return tokens.cpu(), images.float().cpu(), statistics.median(times)
 
 
+def host_syncs(pipe: Amused, steps: int) -> int:
+    """How many times one text-to-image run (tokens out, CUDA generator) makes the host wait for the GPU."""
+    generator = torch.Generator("cuda").manual_seed(0)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            pipe(["a photo of a cat"], steps=steps, generator=generator, output_type="tokens")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 @torch.no_grad()
 def logits_diff(pipe: Amused, ref: Amused) -> float:
     """max |logits - fp32 logits| / max |fp32 logits| for one half-masked grid."""
@@ -97,6 +115,11 @@ def main(models, device, batch, tiny, compile):
             if name != "fp32":
                 del pipe
         ref_tokens = results["fp32"][0]
+        if device == "cuda":
+            syncs = {n: host_syncs(fp32, n) for n in (4, 12)}
+            failed |= syncs[4] != syncs[12]
+            rows.append(f"| {preset} | fp32 | host syncs per run: {syncs[4]} at 4 steps, {syncs[12]} at 12 steps "
+                        f"({'none per step' if syncs[4] == syncs[12] else 'SYNCS PER STEP!'}) | | | |")
         for name, (tokens, images, seconds, diff) in results.items():
             nan = bool(torch.isnan(images).any())
             failed |= nan

@@ -15,7 +15,7 @@ from PIL import Image
 
 import convert_weights
 import amused
-from amused import Amused, OneDNNLinear, num_masked_after, unmask_step
+from amused import Amused, OneDNNLinear, num_masked_after, sample_categorical, unmask_step
 
 MASK_ID = TINY_UVIT["vocab_size"] - 1
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse!"]
@@ -167,6 +167,32 @@ def test_unmask_step_matches_scheduler_at_full_size(L, dtype):
         assert torch.equal(ours, ref), f"step {i}"
         assert (ours == 8255).sum(dim=(1, 2)).tolist() == [num_masked_after(i, steps, L)] * B
     assert (ours != 8255).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sample_categorical_is_torch_multinomial(dtype):
+    """Our sync-free draw equals torch.multinomial(probs, 1): the same samples from the same random numbers
+    (the generators end in the same state), on peaked and on flat distributions."""
+    logits = torch.randn(300, 8192, generator=gen(0), dtype=dtype) * torch.linspace(0.1, 20, 300, dtype=dtype)[:, None]
+    probs = logits.softmax(-1)
+    g_ours, g_ref = gen(1), gen(1)
+    ours = sample_categorical(probs, g_ours)
+    assert ours.shape == (300, 1) and len(ours.unique()) > 100
+    assert torch.equal(ours, torch.multinomial(probs, 1, generator=g_ref))
+    assert torch.equal(g_ours.get_state(), g_ref.get_state())
+
+
+def test_nan_logits_are_an_error_not_an_image(tiny, monkeypatch):
+    """torch.multinomial rejects NaN probabilities on the host every step; we test once per generation."""
+    _, ours, _ = tiny
+    predict = ours.transformer.predict
+    def overflowing(ids, conds):
+        logits = predict(ids, conds)
+        logits[0, 3, 1, 1] = float("nan")
+        return logits
+    monkeypatch.setattr(ours.transformer, "predict", overflowing)
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        ours("a cat", steps=3, generator=gen(0))
 
 
 def test_fast_loop_equals_the_plain_loop(tiny):
