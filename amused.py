@@ -249,7 +249,7 @@ class Amused:
         """exact: on the CPU, run every operation as the reference does, so that float32 tokens and images equal
         diffusers' bit for bit. exact=False trades that for speed on the CPU: float32 linear layers run as oneDNN
         matmuls (OneDNNLinear) and the VQ decoder in channels_last; logits then differ from the reference's by
-        ~1e-7 relative, which changes a sampled token only where two candidates tie to that precision. On CUDA
+        ~1e-6 of their scale, which changes a sampled token only where two candidates tie to that precision. On CUDA
         the flag changes nothing (GPU kernels never equal the CPU reference's bits anyway)."""
         device = torch.device(device)
         if not exact and device.type == "cpu" and not onednn_available():

@@ -230,9 +230,9 @@ def main(prompt: str, checkpoint: str = "amused/amused-256", negative_prompt: st
     print("settings:")
     settings = dict(prompt=repr(prompt), negative_prompt=repr(negative_prompt), checkpoint=checkpoint,
                     variant=variant, mode=mode, steps=",".join(map(str, step_counts)), guidance_scale=guidance_scale,
-                    seed=seed, generator=generator, num_images=num_images, aesthetic_score=aesthetic_score, init_image=init_image,
-                    strength=strength, mask=mask, device=device, dtype=dtype_name, compile=compile, exact=exact,
-                    out=out, save_steps=save_steps)
+                    seed=seed, generator=generator, num_images=num_images, aesthetic_score=aesthetic_score,
+                    init_image=init_image, strength=strength, mask=mask, device=device, dtype=dtype_name,
+                    compile=compile, exact=exact, out=out, save_steps=save_steps)
     for key, value in settings.items():
         print(f"  {key:<16}{value}")
 
@@ -337,7 +337,7 @@ if __name__ == "__main__":
                    help="torch.compile the U-ViT (CUDA only; ignored with a note elsewhere)")
     p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
                    help="on the CPU, the reference's kernels: fp32 output equal to diffusers' bit for bit; "
-                        "--no-exact uses oneDNN matmuls (~1.2x faster, ~1e-7 relative differences)")
+                        "--no-exact uses oneDNN matmuls (~1.2x faster, logits ~1e-6 off diffusers')")
     p.add_argument("--init-image", default=None,
                    help="start from this image (image to image); scaled and centre-cropped to the model's size")
     p.add_argument("--strength", type=float, default=None,

@@ -276,7 +276,8 @@ def test_inexact_mode_matches_diffusers(tiny):
     assert_close("exact=False logits", our_logits, ref_logits, atol=1e-5 * ref_logits.abs().max().item())
 
     kwargs = dict(negative_prompt=["blurry", "low quality"], num_images_per_prompt=2)
-    assert_same_run("exact=False t2i", lambda **o: ref(PROMPTS, num_inference_steps=12, generator=gen(4), **kwargs, **o),
+    assert_same_run("exact=False t2i",
+                    lambda **o: ref(PROMPTS, num_inference_steps=12, generator=gen(4), **kwargs, **o),
                     lambda **o: fast(PROMPTS, steps=12, generator=gen(4), **kwargs, **o))
     image = smooth_images(2, 32, 32, seed=5)
     i2i = reference_variant(ref, AmusedImg2ImgPipeline)
