@@ -49,6 +49,7 @@ the model is loaded.
 import argparse
 import contextlib
 import functools
+import gc
 import hashlib
 import importlib.util
 import json
@@ -558,6 +559,7 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    model = None  # the model as trained: the U-ViT, or its DistributedDataParallel wrapper
     try:
         # ---- Models: the text encoder and the VQGAN stay frozen, in fp32
         t0 = time.perf_counter()
@@ -723,6 +725,11 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
         return step
     finally:
         if world > 1:
+            # DDP's reducer holds the process group and gloo's pending work: free them while the interpreter is
+            # whole, then destroy the group. Left to interpreter shutdown, gloo's threads can abort the process
+            # ("terminate called without an active exception": seen once in CI, rank 1, after a finished run).
+            model = None
+            gc.collect()
             dist.destroy_process_group()
 
 
