@@ -559,7 +559,6 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    model = None  # the model as trained: the U-ViT, or its DistributedDataParallel wrapper
     try:
         # ---- Models: the text encoder and the VQGAN stay frozen, in fp32
         t0 = time.perf_counter()
