@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from amused import Amused  # noqa: E402
+from cli import DTYPES  # noqa: E402
 from convert_weights import COMPONENTS, Checkpoint, build  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
 
 
@@ -68,10 +68,10 @@ def bench_one(preset, batch, device, dtype_name, compile, exact, steps, repeats,
     dtype = DTYPES[dtype_name]
     ref, ours = build_pipelines(preset, device, dtype, exact)
     if compile:
-        # diffusers as its model card recommends (compile the transformer); ours compiles the U-ViT token path
+        # diffusers as its model card recommends (compile the transformer); ours compiles the U-ViT's forward
         # with CUDA graphs, which the fixed shapes of our loop allow
         ref.transformer = torch.compile(ref.transformer)
-        ours.transformer.predict = torch.compile(ours.transformer.predict, mode="reduce-overhead")
+        ours.transformer.compile(mode="reduce-overhead")
     gen_device = "cpu" if device == "cpu" else device  # a generator on the device: no copy of probabilities
 
     def gen():

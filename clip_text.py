@@ -12,6 +12,7 @@ identity map (see convert_weights.py).
 """
 import json
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,26 @@ PRESETS = {
 
 # Values of a transformers CLIPTextConfig that this file hard-codes rather than reads.
 FIXED_HUB_CONFIG = {"hidden_act": "quick_gelu", "attention_dropout": 0.0, "dropout": 0.0}
+# Keys a transformers config.json may hold that change nothing we compute: the library's bookkeeping, the
+# initialisation, token ids the model never reads (only eos_token_id matters, see above), and the generic settings
+# transformers 4.x wrote into every model's config (generation, labels, output flags). pruned_heads would change
+# tensor shapes, which the loader checks against the weights.
+UNUSED_HUB_KEYS = frozenset({
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "initializer_factor",
+    "initializer_range", "bos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "tf_legacy_loss",
+    "pruned_heads", "tie_word_embeddings", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder",
+    "cross_attention_hidden_size", "add_cross_attention", "tie_encoder_decoder", "max_length", "min_length",
+    "do_sample", "early_stopping", "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k",
+    "top_p", "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
+    "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "finetuning_task", "id2label",
+    "label2id", "tokenizer_class", "prefix", "task_specific_params", "problem_type",
+})
+# Every key of a transformers text_encoder/config.json that this file reads or checks (convert_weights.hub_config
+# decides what to do with any other).
+HUB_KEYS = frozenset(CLIPTextConfig.__dataclass_fields__) | FIXED_HUB_CONFIG.keys() | UNUSED_HUB_KEYS
 
 
 def config_from_hub(d: dict) -> CLIPTextConfig:
@@ -65,6 +86,9 @@ def config_from_hub(d: dict) -> CLIPTextConfig:
     for key, value in FIXED_HUB_CONFIG.items():
         if d.get(key, value) != value:
             raise ValueError(f"text encoder config: {key}={d[key]!r} is not supported (only {value!r})")
+    unknown = sorted(k for k in d if k not in HUB_KEYS and not k.startswith("_"))
+    if unknown:
+        raise ValueError(f"text encoder config: unknown keys {unknown}")
     fields = CLIPTextConfig.__dataclass_fields__
     missing = [k for k in fields if k not in d]
     if missing:
@@ -184,6 +208,79 @@ class CLIPTokenizer:
         return torch.tensor(rows, dtype=torch.long)
 
 
+# A vocabulary of your own, for models trained from scratch on a small, fixed set of captions (examples/digits.py)
+# and for tests that must run without CLIP's 49,408-entry vocabulary.
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's byte -> printable character table, in CLIP's order ("!" first, so "!" gets id 0)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(symbols):
+        if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+            out.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return tuple(out)
+
+
+def train_bpe_files(corpus: str, n_merges: int = 300) -> dict[str, str]:
+    """The texts of TOKENIZER_FILES for a byte-level BPE trained on `corpus` (split on whitespace), in CLIP's
+    layout: 256 byte symbols, the same with "</w>", one entry per merge (the most frequent pair first, ties broken
+    by the pair itself), then <|startoftext|> and <|endoftext|>; the special tokens as amused's hub tokenizer has
+    them (pad "!", id 0). CLIPTokenizer(files) reads them; a model's vocab_size must be at least len(vocab)."""
+    b2u = bytes_to_unicode()
+    words = Counter(corpus.split())
+    # each word as a tuple of byte symbols, the last one carrying the end-of-word suffix
+    seqs = {w: tuple(b2u[b] for b in w.encode())[:-1] + (b2u[w.encode()[-1]] + "</w>",) for w in words}
+    merges = []
+    for _ in range(n_merges):
+        pairs = Counter()
+        for w, s in seqs.items():
+            for pair in zip(s, s[1:]):
+                pairs[pair] += words[w]
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        merges.append(best)
+        seqs = {w: _merge_pair(s, best) for w, s in seqs.items()}
+    symbols = list(b2u.values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab_list = list(dict.fromkeys(vocab_list)) + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
+
+    def token(content, normalized, special=None):
+        entry = {"content": content, "lstrip": False, "normalized": normalized, "rstrip": False, "single_word": False}
+        return entry if special is None else {**entry, "special": special}
+
+    specials = {"bos_token": token("<|startoftext|>", True), "eos_token": token("<|endoftext|>", True),
+                "pad_token": token("!", False), "unk_token": token("<|endoftext|>", True)}
+    config = {"add_prefix_space": False,
+              "added_tokens_decoder": {"0": token("!", False, True), str(bos): token("<|startoftext|>", True, True),
+                                       str(eos): token("<|endoftext|>", True, True)},
+              "bos_token": "<|startoftext|>", "clean_up_tokenization_spaces": True, "do_lower_case": True,
+              "eos_token": "<|endoftext|>", "errors": "replace", "model_max_length": 77, "pad_token": "!",
+              "tokenizer_class": "CLIPTokenizer", "unk_token": "<|endoftext|>"}
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+            "special_tokens_map.json": json.dumps(specials, indent=2),
+            "tokenizer_config.json": json.dumps(config, indent=2)}
+
+
 # ----------------------------------------------------------------------------------------------------
 # Text encoder
 
@@ -271,12 +368,12 @@ class CLIPTextEncoder(nn.Module):
             raise ValueError(f"ids has {N} positions; CLIP has {self.cfg.max_position_embeddings}")
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.cfg.vocab_size):
             raise ValueError(f"ids must lie in [0, {self.cfg.vocab_size}), got [{ids.min()}, {ids.max()}]")
-        tm = self.text_model
-        x = tm.embeddings(ids)  # (B, N, D)
-        for layer in tm.encoder.layers[:-1]:
+        model = self.text_model
+        x = model.embeddings(ids)  # (B, N, D)
+        for layer in model.encoder.layers[:-1]:
             x = layer(x)
         penultimate = x
-        x = tm.final_layer_norm(tm.encoder.layers[-1](x))  # (B, N, D)
+        x = model.final_layer_norm(model.encoder.layers[-1](x))  # (B, N, D)
         if self.cfg.eos_token_id == 2:
             # Matches reference: transformers' legacy rule. <|endoftext|> is the largest id, so argmax finds it.
             eos = ids.argmax(dim=-1)  # (B,)

@@ -21,8 +21,8 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +31,11 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+import cli
 import clip_text
 import uvit
 import vqgan
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FORMAT_VERSION = "amused-1"  # the "format" entry of a converted file's metadata
 
 
@@ -50,17 +50,23 @@ class Component:
     weights: str                # weight file stem in the hub folder
     config_cls: type            # our frozen config dataclass
     config_from_hub: callable   # hub config.json dict -> our config (raises ValueError on what we don't support)
+    hub_keys: frozenset         # every config.json key config_from_hub reads or checks
     model_cls: type             # our root module, built from the config
     ignored: dict               # keys of the hub file we deliberately drop -> why
 
 
 COMPONENTS = {c.name: c for c in (
-    Component("text_encoder", "model", clip_text.CLIPTextConfig, clip_text.config_from_hub, clip_text.CLIPTextEncoder,
+    Component("text_encoder", "model", clip_text.CLIPTextConfig, clip_text.config_from_hub, clip_text.HUB_KEYS,
+              clip_text.CLIPTextEncoder,
               # transformers 4.x saved an arange(77) buffer; we index the position table directly
               {"text_model.embeddings.position_ids": "position-index buffer of older transformers versions"}),
-    Component("vqvae", "diffusion_pytorch_model", vqgan.VQConfig, vqgan.config_from_hub, vqgan.VQModel, {}),
-    Component("transformer", "diffusion_pytorch_model", uvit.UViTConfig, uvit.config_from_hub, uvit.UViT, {}),
+    Component("vqvae", "diffusion_pytorch_model", vqgan.VQConfig, vqgan.config_from_hub, vqgan.HUB_KEYS,
+              vqgan.VQModel, {}),
+    Component("transformer", "diffusion_pytorch_model", uvit.UViTConfig, uvit.config_from_hub, uvit.HUB_KEYS,
+              uvit.UViT, {}),
 )}
+# Keys diffusers writes into every config.json for its own bookkeeping: read without a word.
+BOOKKEEPING_KEYS = {"_class_name", "_diffusers_version", "_name_or_path"}
 TOKENIZER_PREFIX = "tokenizer/"  # metadata keys of the tokenizer files in a converted file
 
 
@@ -105,11 +111,25 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def hub_config(folder: Path, comp: Component):
-    """Our config from the component folder's config.json."""
+    """Our config from the component folder's config.json.
+
+    A key we do not know (say, one a later diffusers or transformers version adds) is dropped with a warning naming
+    it when it cannot change what the model computes: bookkeeping (a leading "_", such as _use_default_values or
+    _commit_hash) or a feature switched off (null or false). Any other unknown key is an error naming it: we cannot
+    tell what it would change."""
     path = folder / "config.json"
     d = read_json(path)
+    unknown = {k: v for k, v in d.items() if k not in comp.hub_keys and k not in BOOKKEEPING_KEYS}
+    neutral = {k: v for k, v in unknown.items() if k.startswith("_") or v is None or v is False}
+    if len(neutral) < len(unknown):
+        k, v = next((k, v) for k, v in unknown.items() if k not in neutral)
+        raise CheckpointError(f"{path}: unknown config key {k!r} = {v!r}: this version of amused does not know what "
+                              f"it changes, so it cannot load the model faithfully")
+    if neutral:
+        warnings.warn(f"{path}: ignored config keys unknown to this version of amused, which cannot change the "
+                      f"model: {', '.join(f'{k} = {v!r}' for k, v in neutral.items())}", stacklevel=2)
     try:
-        return comp.config_from_hub(d)
+        return comp.config_from_hub({k: v for k, v in d.items() if k not in neutral})
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{path}: {e}") from e
 
@@ -183,6 +203,7 @@ def load_hub_folder(folder, variant: str | None = None) -> Checkpoint:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
+    check_hub_layout(folder)
     models = {name: load_model(folder / name, name, variant) for name in COMPONENTS}
     try:
         tokenizer = clip_text.CLIPTokenizer.from_folder(folder / "tokenizer")
@@ -193,6 +214,16 @@ def load_hub_folder(folder, variant: str | None = None) -> Checkpoint:
     ckpt = Checkpoint(tokenizer, **models, mask_token_id=mask_id, masking_schedule=schedule)
     check_components(ckpt, folder)
     return ckpt
+
+
+def check_hub_layout(folder: Path) -> None:
+    """A folder with none of a hub checkpoint's sub-folders is not a half-downloaded checkpoint but something else:
+    say so, rather than name the first missing file."""
+    parts = [*COMPONENTS, "tokenizer", "scheduler"]
+    if not any((folder / part).is_dir() for part in parts):
+        raise CheckpointError(f"{folder}: not a hub-layout checkpoint folder (it has none of {', '.join(parts)}/) "
+                              f"nor a file converted by convert_weights.py; pass one of those, or a hub repo id "
+                              f"such as amused/amused-256")
 
 
 def download(repo_id: str, variant: str | None = None) -> Path:
@@ -212,7 +243,7 @@ def download(repo_id: str, variant: str | None = None) -> Path:
         raise CheckpointError(
             f"{repo_id}: could not download it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
             f"Check the network and the repo id, or download it on another machine with "
-            f"`huggingface-cli download {repo_id} --local-dir <folder>` and pass the folder") from e
+            f"`hf download {repo_id} --local-dir <folder>` and pass the folder") from e
 
 
 def resolve_source(src: str, variant: str | None = None) -> Path:
@@ -284,26 +315,10 @@ def single_file_metadata(configs: dict, tokenizer_files: dict[str, str], mask_to
     return meta
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp) to a temporary file beside `path`, then rename it to `path`, so that an interruption never
-    leaves a half-written `path`. The file gets the permissions the umask gives new files (safetensors creates
-    its files 0600)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_single_file(path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Write tensors ("<component>.<key>") and metadata (single_file_metadata) atomically."""
     try:
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        cli.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write it ({e.strerror or e})") from e
 
@@ -318,6 +333,7 @@ def convert(folder, out, dtype: torch.dtype | None = None, variant: str | None =
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
+    check_hub_layout(folder)
     tensors, configs, summary = {}, {}, {}
     for comp in COMPONENTS.values():
         cfg = hub_config(folder / comp.name, comp)
@@ -358,7 +374,7 @@ def main(src: str, out: str, dtype: str | None = None, variant: str | None = Non
     if folder.is_file():
         raise CheckpointError(f"{src}: already a single file; pass a hub-layout folder or a hub repo id")
     print(f"converting {folder} ({variant or 'fp32'} files) -> {out} as {dtype or 'stored'}")
-    summary = convert(folder, out_path, DTYPES[dtype] if dtype else None, variant)
+    summary = convert(folder, out_path, cli.DTYPES[dtype] if dtype else None, variant)
     total = 0
     for name in COMPONENTS:
         n_tensors, n_params = summary[name]
@@ -373,13 +389,8 @@ if __name__ == "__main__":
                                             "to one safetensors file.")
     p.add_argument("src", help="hub-layout folder, or a hub repo id such as amused/amused-256 (downloaded)")
     p.add_argument("-o", "--out", required=True, help="output .safetensors file")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    p.add_argument("--dtype", choices=sorted(cli.DTYPES), default=None,
                    help="dtype of the written weights (default: as stored in the source files)")
     p.add_argument("--variant", choices=["fp16"], default=None,
                    help="read the .fp16.safetensors files of the checkpoint instead of the fp32 ones")
-    args = p.parse_args()
-    try:
-        main(**vars(args))
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, p.parse_args(), errors=(CheckpointError, FileNotFoundError))

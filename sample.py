@@ -15,36 +15,42 @@ CPU generator with that seed. --generator cpu draws on the CPU on every device, 
 generator (the same random numbers; a GPU's arithmetic still differs), at the cost of a copy and a CPU draw per
 step.
 Each entry of --steps is an independent run from the same seed, so the columns of a grid differ only in the
-number of steps.
+number of steps. Each step commits at least one token to the image, so a step count above the number of tokens
+(256 for amused-256, 1024 for amused-512) is no better, only slower. Image to image and inpainting at a
+--strength below 1 run only the last steps of the schedule (the image's tokens stand in for the first ones).
+
+--init-image and --mask may be in any mode Pillow reads: 16-bit and float (values in [0, 1]) grayscale are
+scaled to 8 bits, and an alpha channel is dropped with a warning; 32-bit integer images, whose range is unknown,
+and float images outside [0, 1] are refused.
 
 --save-steps FILE.gif shows what a masked-token model offers and a diffusion model does not: after every step,
 which tokens the model has committed to (decoded by the VQ) and which are still masked (flat grey).
 
 Bad input is reported as one line `error: ...` on stderr with exit code 2, and is checked before the (slow)
-model load wherever that is possible.
+model load wherever that is possible. Ctrl-C stops with one line `interrupted` and exit code 130.
 """
 import argparse
+import math
 import os
-import sys
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageOps
 
+import amused
+import cli
 from amused import Amused, to_pil
+from cli import DTYPES, UsageError
 from convert_weights import CheckpointError
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
                  ".tif": "TIFF", ".tiff": "TIFF", ".gif": "GIF"}  # --out suffix -> PIL format
 GREY = 0.5  # colour of the still-masked token cells in --save-steps frames
 FRAME_MS, LAST_FRAME_MS = 300, 2000  # --save-steps: each step, then the final image held longer
-
-
-class UsageError(ValueError):
-    """A flag value we reject before doing any work."""
+# what a user can fix: one line `error: ...` and exit code 2 (cli.run)
+USER_ERRORS = (UsageError, CheckpointError, FileNotFoundError, ValueError, TypeError, OSError, FloatingPointError)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -62,17 +68,35 @@ def parse_steps(text) -> list[int]:
     return counts
 
 
-def resolve_device(name: str) -> str:
-    """auto -> cuda, else mps, else cpu; an explicit device that is not there is an error, not a fallback."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if cuda else "mps" if mps else "cpu"
-    if name == "cuda" and not cuda:
-        raise UsageError("--device cuda: CUDA is not available here (no GPU, or torch built without CUDA); "
-                         "use --device cpu or auto")
-    if name == "mps" and not mps:
-        raise UsageError("--device mps: MPS (Apple GPU) is not available here; use --device cpu or auto")
-    return name
+def check_numbers(guidance_scale: float, aesthetic_score: float, seed: int, num_images: int) -> None:
+    """The numbers the pipeline would refuse only after the model load, or, for a seed, with torch's words."""
+    if not 0 <= guidance_scale < math.inf:  # written so that NaN fails too
+        raise UsageError(f"--guidance-scale must be >= 0 and finite (values <= 1 turn guidance off), "
+                         f"got {guidance_scale}")
+    if not math.isfinite(aesthetic_score):
+        raise UsageError(f"--aesthetic-score must be a finite number, got {aesthetic_score}")
+    if not 0 <= seed < 2**64:  # torch.Generator.manual_seed takes [0, 2**64) and wraps negative seeds around
+        raise UsageError(f"--seed must be in [0, 2**64), got {seed}")
+    if num_images < 1:
+        raise UsageError(f"--num-images must be >= 1, got {num_images}")
+
+
+def check_mode(init_image: str | None, mask: str | None, strength: float | None,
+               step_counts: list[int]) -> tuple[str, float | None]:
+    """The mode the flags ask for, and --strength resolved: its default depends on the mode."""
+    if mask is not None and init_image is None:
+        raise UsageError("--mask needs --init-image: the image whose white-masked region is repainted")
+    if strength is not None and init_image is None:
+        raise UsageError("--strength applies only with --init-image")
+    mode = "inpaint" if mask else "img2img" if init_image else "text-to-image"
+    if strength is None and init_image is not None:
+        strength = 1.0 if mask else 0.5  # the defaults of the pipelines (and diffusers')
+    if strength is not None and not 0 < strength <= 1:  # written so that NaN fails too
+        raise UsageError(f"--strength must be in (0, 1], got {strength}")
+    if mode == "inpaint" and any(int(s * strength) == 0 for s in step_counts):
+        raise UsageError(f"--strength {strength} x --steps {','.join(map(str, step_counts))} rounds down to 0 steps "
+                         f"for inpainting; raise one of them")
+    return mode, strength
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -104,7 +128,8 @@ def check_writable(path: str, flag: str, formats: dict) -> Path:
 
 
 def open_image(path: str, flag: str) -> Image.Image:
-    """Read an image fully now, so that a missing or corrupt file fails before the model load."""
+    """The image file at `path` as 8-bit RGB, read fully now, so that a missing, corrupt or unusable file fails
+    before the model load."""
     if not Path(path).is_file():
         raise UsageError(f"{flag} {path}: no such file")
     try:
@@ -113,7 +138,51 @@ def open_image(path: str, flag: str) -> Image.Image:
     except (OSError, ValueError) as e:
         raise UsageError(f"{flag} {path}: cannot read it as an image ({e})") from None
     # matches reference: diffusers.utils.load_image applies the EXIF orientation of photos
-    return ImageOps.exif_transpose(image)
+    oriented = ImageOps.exif_transpose(image)
+    oriented.format = image.format  # exif_transpose returns a copy without it; to_8bit reads it
+    try:
+        # 16-bit and float grayscale scaled to 8 bits (Pillow's convert alone clips 16-bit values: near white)
+        return amused.pil_to_rgb(oriented)
+    except ValueError as e:
+        raise UsageError(f"{flag} {path}: {e}") from None
+
+
+def read_inputs(init_image: str | None, mask: str | None) -> tuple[Image.Image | None, Image.Image | None]:
+    """--init-image as 8-bit RGB and --mask as 8-bit grayscale, each None when not given."""
+    image = None if init_image is None else open_image(init_image, "--init-image")
+    mask_image = None if mask is None else open_image(mask, "--mask").convert("L")
+    if mask_image is not None and mask_image.width * image.height != mask_image.height * image.width:
+        raise UsageError(f"--mask is {mask_image.width}x{mask_image.height} but --init-image is "
+                         f"{image.width}x{image.height}: they must have the same aspect ratio")
+    return image, mask_image
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model and the runs
+
+
+@dataclass
+class Job:
+    """What every run generates: the checked flags, with --init-image and --mask read and fitted to the model."""
+    mode: str  # "text-to-image", "img2img" or "inpaint"
+    prompt: str
+    negative_prompt: str | None
+    guidance_scale: float
+    num_images: int
+    aesthetic_score: float
+    strength: float | None  # None for text to image
+    image: Image.Image | None  # 8-bit RGB, model-sized
+    mask: Image.Image | None  # 8-bit L, the image's aspect ratio
+
+
+def load(checkpoint: str, device: str, dtype: torch.dtype, variant: str | None, exact: bool) -> Amused:
+    t0 = time.perf_counter()
+    pipe = Amused.from_pretrained(checkpoint, device=device, dtype=dtype, variant=variant, exact=exact)
+    s = pipe.transformer.cfg.sample_size
+    vq_note = " (VQ in fp32: force_upcast)" if pipe.vqvae.upcast else ""
+    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s: {pipe.resolution}x{pipe.resolution} images, "
+          f"{s}x{s} tokens{vq_note}", flush=True)
+    return pipe
 
 
 def fit_to_model(image: Image.Image, size: int, token: int, what: str) -> Image.Image:
@@ -130,34 +199,104 @@ def fit_to_model(image: Image.Image, size: int, token: int, what: str) -> Image.
     return image.resize((w, h), resample=Image.LANCZOS).crop((left, top, left + size, top + size))
 
 
+def compile_and_warm_up(pipe: Amused, job: Job, seed: int, generator: str) -> None:
+    """Every step calls the U-ViT on the same shapes, (2B, h, w) with guidance, in all three modes, so one compiled
+    graph serves every run. A short text-to-image warm-up (same batch, same guidance) compiles it and records the
+    CUDA graphs (mode="reduce-overhead", what makes compiling worth its start-up time here) before we time
+    anything."""
+    pipe.transformer.compile(mode="reduce-overhead")
+    t0 = time.perf_counter()
+    pipe(job.prompt, job.negative_prompt, steps=3, guidance_scale=job.guidance_scale,
+         num_images_per_prompt=job.num_images, generator=torch.Generator(generator).manual_seed(seed),
+         output_type="tokens")
+    torch.cuda.synchronize()
+    print(f"compiled the U-ViT in {time.perf_counter() - t0:.1f} s (a 3-step warm-up run)", flush=True)
+
+
+def note_step_counts(job: Job, step_counts: list[int], n_tokens: int) -> None:
+    """What the progress lines would leave unexplained: skipped first steps, and step counts that cannot help."""
+    if job.strength is not None and any(int(s * job.strength) < s for s in step_counts):
+        ran, of = ", ".join(str(int(s * job.strength)) for s in step_counts), ", ".join(map(str, step_counts))
+        print(f"note: {job.mode} at --strength {job.strength} runs only the last {ran} of the {of} steps (the "
+              f"image's tokens stand in for the first ones)")
+    too_many = [s for s in step_counts if s > n_tokens]
+    if too_many:
+        print(f"note: --steps {','.join(map(str, too_many))} is more than the {n_tokens} tokens of an image. Each step "
+              f"commits at least one token, so past {n_tokens} steps the extra steps only resample the last masked "
+              f"tokens: the result is not better, only slower")
+
+
+def duration(seconds: float) -> str:
+    """12.3 s, 4 min 10 s, 2 h 46 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = round(seconds) // 60
+    return f"{minutes} min {round(seconds) % 60} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+class Progress:
+    """The callback of one run: a line per step (tokens still masked, the step's time), after the run's first step
+    an estimate of the time the rest will take, and with `history` the first image's tokens after every step."""
+
+    def __init__(self, mask_id: int, n_steps: int, n_tokens: int, history: list | None):
+        self.mask_id, self.n_steps, self.n_tokens, self.history = mask_id, n_steps, n_tokens, history
+        self.t_prev, self.first = time.perf_counter(), True
+
+    def __call__(self, step: int, tokens: torch.Tensor) -> None:
+        n_masked = int((tokens == self.mask_id).sum())  # .item() also waits for the GPU: honest timing
+        now = time.perf_counter()
+        print(f"step {step + 1}/{self.n_steps}: {n_masked} of {self.n_tokens} tokens still masked "
+              f"({now - self.t_prev:.2f} s)", flush=True)
+        left = self.n_steps - step - 1
+        if self.first and left > 0:
+            print(f"  about {duration((now - self.t_prev) * left)} more for the other {left} step{'s' * (left > 1)} "
+                  f"(at this step's pace)", flush=True)
+        self.t_prev, self.first = now, False
+        if self.history is not None:
+            self.history.append(tokens[0].to("cpu", copy=True))  # a copy, even when already on the CPU
+
+
+def generate(pipe: Amused, job: Job, n_steps: int, generator: torch.Generator, callback) -> list[Image.Image]:
+    kw = dict(steps=n_steps, guidance_scale=job.guidance_scale, generator=generator,
+              num_images_per_prompt=job.num_images, aesthetic_score=job.aesthetic_score, callback=callback)
+    if job.mode == "inpaint":
+        return pipe.inpaint(job.prompt, job.image, job.mask, job.strength, job.negative_prompt, **kw)
+    if job.mode == "img2img":
+        return pipe.img2img(job.prompt, job.image, job.strength, job.negative_prompt, **kw)
+    return pipe(job.prompt, job.negative_prompt, **kw)
+
+
+def generate_all(pipe: Amused, job: Job, step_counts: list[int], seed: int, generator: str,
+                 keep_history: bool) -> tuple[list[list[Image.Image]], list[torch.Tensor]]:
+    """One run per step count -> columns[j]: the images of run j, and (keep_history) the first image's tokens
+    (h, w) after each step of the first run."""
+    n_tokens = job.num_images * pipe.transformer.cfg.sample_size ** 2
+    history, columns = [], []
+    for j, n_steps in enumerate(step_counts):
+        progress = Progress(pipe.mask_id, n_steps, n_tokens, history if keep_history and j == 0 else None)
+        t0 = time.perf_counter()
+        # A fresh generator per run: each column is what `--steps n_steps` alone would give.
+        columns.append(generate(pipe, job, n_steps, torch.Generator(generator).manual_seed(seed), progress))
+        dt = time.perf_counter() - t0
+        print(f"{n_steps} steps: {job.num_images} image{'s' * (job.num_images > 1)} in {dt:.2f} s "
+              f"({dt / job.num_images:.2f} s per image)", flush=True)
+    return columns, history
+
+
 # ----------------------------------------------------------------------------------------------------
 # Writing images
 
 
-def save_atomic(image: Image.Image, path: Path, **params) -> None:
-    """Write to a temporary name in the same folder, then rename: an interrupted run never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        image.save(tmp, format=IMAGE_FORMATS[path.suffix.lower()], **params)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def make_grid(columns: list[list[Image.Image]], labels: list[str] | None) -> Image.Image:
-    """columns[j][i]: image i of run j -> one image, rows = images, columns = runs; labels above the columns."""
-    W, H = columns[0][0].size
-    label_h = 0 if labels is None else max(12, H // 10)
-    font = ImageFont.load_default(size=label_h * 0.8) if labels else None
-    grid = Image.new("RGB", (W * len(columns), label_h + H * len(columns[0])), "white")
-    draw = ImageDraw.Draw(grid)
-    for j, column in enumerate(columns):
-        if labels:
-            text = labels[j] if draw.textlength(labels[j], font=font) <= W else labels[j].split()[0]  # "12 steps" or "12"
-            draw.text((j * W + W / 2, label_h / 2), text, fill="black", font=font, anchor="mm")
-        for i, image in enumerate(column):
-            grid.paste(image, (j * W, label_h + i * H))
-    return grid
+def write_image(columns: list[list[Image.Image]], step_counts: list[int], path: Path) -> None:
+    """One image as it is; several as a grid, rows = images, columns = runs, step counts above the columns."""
+    if len(columns) == 1 and len(columns[0]) == 1:
+        result = columns[0][0]
+    else:
+        rows = [columns[j][i] for i in range(len(columns[0])) for j in range(len(columns))]
+        result = cli.image_grid(rows, cols=len(columns),
+                                labels=[f"{s} steps" for s in step_counts] if len(step_counts) > 1 else None)
+    cli.atomic_write(path, lambda tmp: result.save(tmp, format=IMAGE_FORMATS[path.suffix.lower()]))
+    print(f"wrote {path} ({result.width}x{result.height})")
 
 
 @torch.no_grad()
@@ -177,6 +316,14 @@ def step_frames(pipe: Amused, history: list[torch.Tensor]) -> list[Image.Image]:
     return frames
 
 
+def write_gif(pipe: Amused, history: list[torch.Tensor], path: Path, n_steps: int) -> None:
+    frames = step_frames(pipe, history)
+    durations = [FRAME_MS] * (len(frames) - 1) + [LAST_FRAME_MS]
+    cli.atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                                                      loop=0, duration=durations))
+    print(f"wrote {path} ({len(frames)} frames, one per step of the first image at {n_steps} steps)")
+
+
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -188,131 +335,58 @@ def main(prompt: str, checkpoint: str = "amused/amused-256", negative_prompt: st
          generator: str = "auto") -> None:
     t_start = time.perf_counter()
 
-    # Everything that can be checked without the model, first: loading takes seconds to minutes.
+    # 1. Everything that can be checked without the model, first: loading takes seconds to minutes.
     step_counts = parse_steps(steps)
-    if not guidance_scale >= 0:
-        raise UsageError(f"--guidance-scale must be >= 0 (values <= 1 turn guidance off), got {guidance_scale}")
-    if num_images < 1:
-        raise UsageError(f"--num-images must be >= 1, got {num_images}")
-    if mask is not None and init_image is None:
-        raise UsageError("--mask needs --init-image: the image whose white-masked region is repainted")
-    if strength is not None and init_image is None:
-        raise UsageError("--strength applies only with --init-image")
-    mode = "inpaint" if mask else "img2img" if init_image else "text-to-image"
-    if strength is None and init_image is not None:
-        strength = 1.0 if mask else 0.5  # the defaults of the pipelines (and diffusers')
-    if strength is not None and not 0 < strength <= 1:
-        raise UsageError(f"--strength must be in (0, 1], got {strength}")
-    if mode == "inpaint" and any(int(s * strength) == 0 for s in step_counts):
-        raise UsageError(f"--strength {strength} x --steps {steps} rounds down to 0 steps for inpainting; "
-                         f"raise one of them")
+    check_numbers(guidance_scale, aesthetic_score, seed, num_images)
+    mode, strength = check_mode(init_image, mask, strength, step_counts)
     out_path = check_writable(out, "--out", IMAGE_FORMATS)
     gif_path = None if save_steps is None else check_writable(save_steps, "--save-steps", {".gif": "GIF"})
-    device = resolve_device(device)
+    device = cli.resolve_device(device)
     generator = resolve_generator_device(generator, device)
     torch_dtype = resolve_dtype(dtype, device)
-    image = None if init_image is None else open_image(init_image, "--init-image")
-    mask_image = None if mask is None else open_image(mask, "--mask")
-    if mask_image is not None and mask_image.width * image.height != mask_image.height * image.width:
-        raise UsageError(f"--mask is {mask_image.width}x{mask_image.height} but --init-image is "
-                         f"{image.width}x{image.height}: they must have the same aspect ratio")
+    image, mask_image = read_inputs(init_image, mask)
     if mode == "img2img" and strength == 1:
         # matches reference: AmusedImg2ImgPipeline masks each token with probability cos(pi/2 * step'/steps) at
         # step' = start - 1, which at strength 1 is index -1, the last step: cos(pi/2) < 0, so nothing is masked
         print("note: img2img at --strength 1 masks none of the image's tokens at the start (as in diffusers), so "
               "the output stays close to the input; use e.g. 0.99 to redo most of it")
     if compile and device != "cuda":
-        # CUDA graphs (mode="reduce-overhead") are what makes compiling worth its start-up time here
         print(f"note: --compile is for CUDA only; ignored on {device}")
         compile = False
-
-    dtype_name = next(k for k, v in DTYPES.items() if v == torch_dtype)
-    print("settings:")
     settings = dict(prompt=repr(prompt), negative_prompt=repr(negative_prompt), checkpoint=checkpoint,
                     variant=variant, mode=mode, steps=",".join(map(str, step_counts)), guidance_scale=guidance_scale,
                     seed=seed, generator=generator, num_images=num_images, aesthetic_score=aesthetic_score,
-                    init_image=init_image, strength=strength, mask=mask, device=device, dtype=dtype_name,
-                    compile=compile, exact=exact, out=out, save_steps=save_steps)
-    for key, value in settings.items():
-        print(f"  {key:<16}{value}")
+                    init_image=init_image, strength=strength, mask=mask, device=device,
+                    dtype=next(k for k, v in DTYPES.items() if v == torch_dtype), compile=compile, exact=exact,
+                    out=out, save_steps=save_steps)
+    print("settings:\n" + "\n".join(f"  {key:<16}{value}" for key, value in settings.items()))
 
-    t0 = time.perf_counter()
-    pipe = Amused.from_pretrained(checkpoint, device=device, dtype=torch_dtype, variant=variant, exact=exact)
-    vq_note = " (VQ in fp32: force_upcast)" if pipe.vqvae.upcast else ""
-    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s: {pipe.resolution}x{pipe.resolution} images, "
-          f"{pipe.grid_size}x{pipe.grid_size} tokens{vq_note}", flush=True)
-
-    if image is not None:
-        image = fit_to_model(image, pipe.resolution, pipe.vqvae.cfg.downsample_factor, "--init-image")
-    if mask_image is not None:
-        mask_image = fit_to_model(mask_image, pipe.resolution, pipe.vqvae.cfg.downsample_factor, "--mask")
-
-    def generate(n_steps: int, generator: torch.Generator, callback) -> list[Image.Image]:
-        kw = dict(steps=n_steps, guidance_scale=guidance_scale, generator=generator, num_images_per_prompt=num_images,
-                  aesthetic_score=aesthetic_score, callback=callback)
-        if mode == "inpaint":
-            return pipe.inpaint(prompt, image, mask_image, strength, negative_prompt, **kw)
-        if mode == "img2img":
-            return pipe.img2img(prompt, image, strength, negative_prompt, **kw)
-        return pipe(prompt, negative_prompt, **kw)
-
+    # 2. The model, and the input images fitted to its size.
+    pipe = load(checkpoint, device, torch_dtype, variant, exact)
+    px, f = pipe.resolution, pipe.vqvae.cfg.downsample_factor
+    job = Job(mode, prompt, negative_prompt, guidance_scale, num_images, aesthetic_score, strength,
+              image=None if image is None else fit_to_model(image, px, f, "--init-image"),
+              mask=None if mask_image is None else fit_to_model(mask_image, px, f, "--mask"))
     if compile:
-        # Every step calls the U-ViT on the same shapes, (2B, h, w) with guidance, in all three modes, so one
-        # compiled graph serves every run. A short text-to-image warm-up (same batch, same guidance) compiles it
-        # and records the CUDA graphs before we time anything.
-        pipe.transformer.predict = torch.compile(pipe.transformer.predict, mode="reduce-overhead")
-        t0 = time.perf_counter()
-        pipe(prompt, negative_prompt, steps=3, guidance_scale=guidance_scale, num_images_per_prompt=num_images,
-             generator=torch.Generator(generator).manual_seed(seed), output_type="tokens")
-        torch.cuda.synchronize()
-        print(f"compiled the U-ViT in {time.perf_counter() - t0:.1f} s (a 3-step warm-up run)", flush=True)
+        compile_and_warm_up(pipe, job, seed, generator)
 
-    n_tokens = num_images * pipe.grid_size ** 2
-    history = []  # tokens (h, w) of the first image after each step of the first run, for --save-steps
-    columns = []  # columns[j]: the num_images images of run j
+    # 3. One run per step count, each from the same seed.
+    note_step_counts(job, step_counts, pipe.transformer.cfg.sample_size ** 2)
     t_gen = time.perf_counter()
-    for j, n_steps in enumerate(step_counts):
-        t_prev = time.perf_counter()
-
-        def progress(step, tokens):
-            nonlocal t_prev
-            n_masked = int((tokens == pipe.mask_id).sum())  # .item() also waits for the GPU: honest timing
-            now = time.perf_counter()
-            print(f"step {step + 1}/{n_steps}: {n_masked} of {n_tokens} tokens still masked ({now - t_prev:.2f} s)",
-                  flush=True)
-            t_prev = now
-            if gif_path is not None and j == 0:
-                history.append(tokens[0].to("cpu", copy=True))  # a copy, even when already on the CPU
-
-        t0 = time.perf_counter()
-        # A fresh generator per run: each column is what `--steps n_steps` alone would give.
-        columns.append(generate(n_steps, torch.Generator(generator).manual_seed(seed), callback=progress))
-        dt = time.perf_counter() - t0
-        print(f"{n_steps} steps: {num_images} image{'s' * (num_images > 1)} in {dt:.2f} s "
-              f"({dt / num_images:.2f} s per image)", flush=True)
+    columns, history = generate_all(pipe, job, step_counts, seed, generator, keep_history=gif_path is not None)
     t_gen = time.perf_counter() - t_gen
 
-    if len(columns) == 1 and num_images == 1:
-        result = columns[0][0]
-    else:
-        result = make_grid(columns, [f"{s} steps" for s in step_counts] if len(step_counts) > 1 else None)
-    save_atomic(result, out_path)
-    print(f"wrote {out_path} ({result.width}x{result.height})")
+    # 4. The outputs.
+    write_image(columns, step_counts, out_path)
     if gif_path is not None:
-        frames = step_frames(pipe, history)
-        save_atomic(frames[0], gif_path, save_all=True, append_images=frames[1:], loop=0,
-                    duration=[FRAME_MS] * (len(frames) - 1) + [LAST_FRAME_MS])
-        print(f"wrote {gif_path} ({len(frames)} frames, one per step of the first image at {step_counts[0]} steps)")
+        write_gif(pipe, history, gif_path, step_counts[0])
     n_images = num_images * len(step_counts)
     print(f"generated {n_images} image{'s' * (n_images > 1)} in {t_gen:.2f} s ({t_gen / n_images:.2f} s per image); "
           f"total {time.perf_counter() - t_start:.1f} s")
 
 
 if __name__ == "__main__":
-    class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        """The docstring's layout kept, and every flag's default shown (they are the real ones)."""
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("prompt")
     p.add_argument("--checkpoint", default="amused/amused-256",
                    help="hub-layout folder, file from convert_weights.py, or hub repo id (downloaded on first use)")
@@ -321,7 +395,7 @@ if __name__ == "__main__":
     p.add_argument("--negative-prompt", default=None, help="what to steer away from; None: the empty prompt")
     p.add_argument("--steps", default="12", help="sampling steps; a comma list such as 5,10,15 makes a grid")
     p.add_argument("--guidance-scale", type=float, default=10.0, help="classifier-free guidance; <= 1 turns it off")
-    p.add_argument("--seed", type=int, default=0, help="seed of the torch.Generator used for sampling")
+    p.add_argument("--seed", type=int, default=0, help="in [0, 2**64): seed of the torch.Generator used for sampling")
     p.add_argument("--generator", choices=["auto", "cpu"], default="auto",
                    help="where the random numbers are drawn. auto: on the GPU when sampling on CUDA (fast), else on "
                         "the CPU; cpu: always, the same draws as diffusers with a CPU generator")
@@ -345,11 +419,4 @@ if __name__ == "__main__":
     p.add_argument("--mask", default=None, help="inpainting mask for --init-image: white = repaint")
     p.add_argument("--save-steps", default=None, metavar="FILE.gif",
                    help="write an animation of the prediction after every step (first image, first step count)")
-    args = p.parse_args()
-    # the pipeline's warnings (e.g. an image resized to a multiple of the token size) as one plain line
-    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
-    try:
-        main(**vars(args))
-    except (UsageError, CheckpointError, FileNotFoundError, ValueError, TypeError, OSError, FloatingPointError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+    cli.run(main, p.parse_args(), errors=USER_ERRORS)

@@ -1,9 +1,12 @@
-"""train.py: fine-tune aMUSEd on your own images: full fine-tuning, LoRA, and single-image style transfer.
+r"""train.py: train aMUSEd's U-ViT on your own images: full fine-tuning, LoRA, single-image style transfer, or a new
+U-ViT from scratch.
 
     python train.py --checkpoint amused/amused-256 --data photos/ --out runs/full                # full fine-tuning
     python train.py --checkpoint amused/amused-256 --data photos/ --out runs/lora --lora --lr 8e-4
     python train.py --checkpoint amused/amused-256 --data mushroom.png --prompt "a mushroom in [V] style" \
         --out runs/style --lora --lr 4e-4 --batch-size 1 --validation-prompts "a chihuahua in [V] style"
+    python train.py --checkpoint amused/amused-256 --data photos/ --out runs/scratch \
+        --init-transformer small-uvit.json --lr 1e-3      # a new U-ViT; the checkpoint's VQGAN and text encoder
     torchrun --nproc_per_node 4 train.py ...      # DistributedDataParallel: one process per GPU, --batch-size each
     python train.py ... --resume                  # continue the run saved in --out exactly where it stopped
 
@@ -15,9 +18,22 @@ score 6. Images that cannot be read are skipped with a warning, when the run sta
 
 Objective (MUSE, Chang et al. 2023, §2.1-2.2; aMUSEd, Patil et al. 2024, §3; diffusers examples/amused/
 train_amused.py): the frozen VQGAN turns each image into a grid of token ids; a fraction mask_ratio(t), t ~ U(0, 1),
-of them is replaced by the mask id, at least one, using the schedule function the sampler uses (amused.mask_ratio);
-the U-ViT is trained with cross-entropy on the masked positions only, given the frozen CLIP text encoder's embedding
-of the caption or, with probability --prompt-dropout, of the empty prompt (what classifier-free guidance needs).
+of them is replaced by the mask id, at least one, using the sampler's schedule function (amused.training_mask_count
+beside amused.sampling_mask_count); the U-ViT is trained with cross-entropy on the masked positions only, given the
+frozen CLIP text encoder's embedding of the caption or, with probability --prompt-dropout, of the empty prompt (what
+classifier-free guidance needs).
+
+From scratch (--init-transformer CONFIG): the U-ViT is built new from CONFIG, a preset name of uvit.PRESETS
+("amused-256", "amused-512") or a JSON file of uvit.UViTConfig's fields (a diffusers transformer/config.json is one),
+with PyTorch's default initialisation seeded by --seed (the same weights as diffusers' UVit2DModel(**config) after
+torch.manual_seed(seed)); the VQGAN, text encoder and tokenizer still come from --checkpoint, frozen. CONFIG must fit
+them: encoder_hidden_size = the text encoder's width, cond_embed_dim = its projection width, codebook_size = the VQ
+codebook, and the checkpoint's mask id in [codebook_size, vocab_size). sample_size sets the resolution (sample_size
+x the VQGAN's downsampling factor). The saved model.safetensors carries the new config. A config file to edit
+(e.g. fewer num_hidden_layers), from a preset:
+
+    python -c "import dataclasses, json, uvit; print(json.dumps(dataclasses.asdict(uvit.PRESETS['amused-256'])))" \
+        > small-uvit.json
 
 The loss of one optimizer step is the mean over every masked token of the global batch (all processes and all
 --grad-accum micro-batches), so the update does not depend on how the batch is split; the reference averages the
@@ -26,17 +42,17 @@ prompt dropout) is drawn from a generator seeded by (--seed, the example's numbe
 a seeded permutation per epoch. So a run resumed with --resume, or split over more processes, sees exactly the same
 batches: on the CPU a resumed run ends with bit-identical weights.
 
-What we do not copy from train_amused.py (see ../shared/docs/amused-reference.md §10): its prompt dropout keeps the
-prompt with probability p (here p is the probability of dropping it) and is overwritten for dataset batches; its
-split VQ encode reshapes with the wrong batch size (we encode whole batches); its gradient checkpointing is a no-op
-or crashes (here it recomputes each U-ViT stage and transformer layer, tested to give the same gradients); its LoRA
-file loses lora_alpha (ours stores it in the metadata diffusers reads).
+What we do not copy from diffusers' examples/amused/train_amused.py: its prompt dropout keeps the prompt with
+probability p (here p is the probability of dropping it) and is overwritten for dataset batches; its split VQ encode
+reshapes with the wrong batch size (we encode whole batches); its gradient checkpointing is a no-op or crashes (here
+it recomputes each U-ViT stage and transformer layer, tested to give the same gradients); its LoRA file loses
+lora_alpha (ours stores it in the metadata diffusers reads).
 
 Output, in --out:
     checkpoint.pt                      training state for --resume: trained weights, optimizer, grad scaler, EMA,
                                        step, RNG; written every --save-every steps, at the end and on Ctrl-C
-    model.safetensors                  full fine-tuning: the whole pipeline in convert_weights.py's single-file
-                                       format (Amused.from_pretrained("runs/full/model.safetensors"))
+    model.safetensors                  full fine-tuning and from scratch: the whole pipeline in convert_weights.py's
+                                       single-file format (Amused.from_pretrained("runs/full/model.safetensors"))
     pytorch_lora_weights.safetensors   LoRA: the adapters only, in diffusers' key format
                                        (pipe.load_lora("runs/lora/pytorch_lora_weights.safetensors"))
     validation-000250.png              --validation-prompts sampled every --validate-every steps, as a grid
@@ -44,16 +60,16 @@ Output, in --out:
 Ctrl-C (or SIGTERM) finishes the current step, saves and exits with code 130; a second Ctrl-C stops at once without
 saving. torchrun forwards Ctrl-C to its workers and kills them --shutdown-timeout seconds later (30 by default):
 raise it when saving takes longer. Bad input is reported as one line `error: ...` on stderr with exit code 2, before
-the model is loaded.
+the model is loaded (a --init-transformer config that does not fit the checkpoint: just after).
 """
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import resource
 import signal
@@ -73,10 +89,12 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+import cli
 import uvit
-from amused import Amused, mask_ratio
-from convert_weights import (COMPONENTS, CheckpointError, atomic_write, load_checkpoint, save_single_file,
-                             single_file_metadata)
+from amused import Amused, training_mask_count
+from cli import UsageError, atomic_write
+from convert_weights import (COMPONENTS, Checkpoint, CheckpointError, check_components, load_checkpoint,
+                             save_single_file, single_file_metadata)
 
 MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -84,14 +102,18 @@ AESTHETIC_SCORE = 6.0  # micro-conditioning of every training image, as in the r
 IGNORE = -100  # label of the positions that do not count in the loss (F.cross_entropy's ignore_index)
 STATE_FILE, MODEL_FILE, LOG_FILE = "checkpoint.pt", "model.safetensors", "log.jsonl"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights and load_lora_weights use
-STATE_VERSION = 1
-# Matches reference: train_amused.py gives no weight decay to parameters whose names contain these (in the U-ViT:
-# embed.embeddings, embed.layer_norm, encoder_proj_layer_norm and mlm_layer.layer_norm); every other norm decays.
-NO_DECAY = ("bias", "layer_norm.weight", "mlm_ln.weight", "embeddings.weight")
-
-
-class UsageError(ValueError):
-    """A flag value or input we reject before training starts."""
+STATE_VERSION = 2  # of checkpoint.pt; 2: the settings --resume checks under "resume_settings", with init_transformer
+# The U-ViT parameters that get no weight decay; every other one decays, the other norms included.
+# Matches reference: train_amused.py exempts the parameters whose names contain "bias", "layer_norm.weight",
+# "mlm_ln.weight" or "embeddings.weight". In UVit2DModel (so in our U-ViT, which has its names) these four are all
+# they match: "bias" and "mlm_ln.weight" match nothing (the released U-ViTs have no biases; mlm_ln is the name in
+# open-muse's MlmLayer). We list the four by their full names (tests/test_train.py checks that each exists).
+NO_DECAY = (
+    "embed.embeddings.weight",  # the token embedding table ("embeddings.weight")
+    "embed.layer_norm.weight",  # the RMSNorm after it ("layer_norm.weight")
+    "encoder_proj_layer_norm.weight",  # the RMSNorm of the projected text hidden states ("layer_norm.weight")
+    "mlm_layer.layer_norm.weight",  # the RMSNorm before the logits ("layer_norm.weight")
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,37 +276,28 @@ class Data:
 # The objective
 
 
-def num_masked(t: torch.Tensor, seq_len: int, min_masking_rate: float = 0.0, schedule: str = "cosine") -> torch.Tensor:
-    """How many of seq_len tokens to mask at training times t (B,) in [0, 1) -> (B,) long, each >= 1.
-
-    Matches reference: round(L * max(mask_ratio(t), min_masking_rate)), at least one (cos(pi/2 * t) reaches 0 as
-    t -> 1, and a sample with nothing masked would have no loss)."""
-    ratio = mask_ratio(t, schedule).clamp(min=min_masking_rate)
-    return (seq_len * ratio).round().clamp(min=1).long()
-
-
 def mask_tokens(ids: torch.Tensor, generator: torch.Generator, mask_id: int, min_masking_rate: float = 0.0,
                 schedule: str = "cosine") -> tuple[torch.Tensor, torch.Tensor]:
     """Mask a random subset of each token grid. ids: (B, h, w) long -> (input_ids (B, h, w), mask_id where masked;
     labels (B, h, w), the original ids where masked and IGNORE elsewhere).
 
     Random draws, in order, on the generator's device: t (B,), then uniforms (B, L) whose argsort is a uniformly
-    random permutation; the positions holding the num_masked smallest ranks are masked, a uniformly random subset of
-    that size. Matches reference: train_amused.py (masked with the same draws, given the same generator)."""
+    random permutation; the positions holding the training_mask_count smallest ranks are masked, a uniformly random
+    subset of that size. Matches reference: train_amused.py (masked with the same draws, given the same generator)."""
     B, h, w = ids.shape
     L = h * w
     t = torch.rand(B, generator=generator, device=generator.device)
-    n = num_masked(t, L, min_masking_rate, schedule)  # (B,)
+    n_masked = training_mask_count(t, L, min_masking_rate, schedule)  # (B,)
     ranks = torch.rand(B, L, generator=generator, device=generator.device).argsort(dim=-1)  # (B, L)
-    mask = (ranks < n[:, None]).view(B, h, w).to(ids.device)
+    mask = (ranks < n_masked[:, None]).view(B, h, w).to(ids.device)
     return torch.where(mask, mask_id, ids), torch.where(mask, ids, IGNORE)
 
 
-def masked_count(seed: int, number: int, seq_len: int, min_masking_rate: float, schedule: str) -> int:
+def example_mask_count(seed: int, number: int, seq_len: int, min_masking_rate: float, schedule: str) -> int:
     """How many tokens example `number` of the run gets masked, without its image: mask_tokens' first draw, t,
     replayed from the example's objective stream."""
     t = torch.rand(1, generator=example_generator(seed, number, OBJECTIVE_STREAM))
-    return int(num_masked(t, seq_len, min_masking_rate, schedule))
+    return int(training_mask_count(t, seq_len, min_masking_rate, schedule))
 
 
 def drop_prompts(hidden, pooled, empty_hidden, empty_pooled, drop: torch.Tensor):
@@ -293,14 +306,15 @@ def drop_prompts(hidden, pooled, empty_hidden, empty_pooled, drop: torch.Tensor)
     return torch.where(drop[:, None, None], empty_hidden, hidden), torch.where(drop[:, None], empty_pooled, pooled)
 
 
-def training_loss(transformer, input_ids, labels, text_hidden, pooled, micro_conds, label_smoothing: float = 0.0,
+def training_loss(model, input_ids, labels, conds: uvit.Conditions, label_smoothing: float = 0.0,
                   reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of the U-ViT's logits at the masked positions (labels != IGNORE). input_ids, labels: (B, h, w);
-    text_hidden (B, 77, D), pooled (B, P), micro_conds (B, 5). "mean" is the reference's loss, the mean over masked
-    tokens; the training loop takes the "sum" and divides by the masked-token count of the whole global batch.
+    """Cross-entropy of the U-ViT's logits at the masked positions (labels != IGNORE). model: the U-ViT, or the
+    DistributedDataParallel wrapping it; input_ids, labels: (B, h, w); conds: the U-ViT's encode_conditions(
+    text_hidden, pooled, micro_conds) of the batch. "mean" is the reference's loss, the mean over masked tokens; the
+    training loop takes the "sum" and divides by the masked-token count of the whole global batch.
 
     Matches reference: train_amused.py: logits (B, K, h, w) -> (B*L, K), F.cross_entropy(ignore_index=-100)."""
-    logits = transformer(input_ids, text_hidden, pooled, micro_conds)  # (B, K, h, w)
+    logits = model(input_ids, conds)  # (B, K, h, w)
     B, K = logits.shape[:2]
     logits = logits.reshape(B, K, -1).permute(0, 2, 1).reshape(-1, K)  # (B*L, K), tokens row-major
     return F.cross_entropy(logits.float(), labels.reshape(-1), ignore_index=IGNORE, label_smoothing=label_smoothing,
@@ -334,6 +348,52 @@ def make_batch(pipe: Amused, data: Data, numbers: list[int], empty: tuple[torch.
     hidden, pooled = pipe.encode_prompt(list(captions))  # (B, 77, D), (B, P)
     hidden, pooled = drop_prompts(hidden, pooled, *empty, torch.stack(drop).to(pipe.device))
     return Batch(torch.cat(input_ids), torch.cat(labels), hidden, pooled, torch.stack(micro).to(pipe.device))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pipeline to train: the checkpoint's, or with a new U-ViT (--init-transformer)
+
+
+def transformer_config(spec: str) -> uvit.UViTConfig:
+    """--init-transformer's value -> the config of the U-ViT to build: a preset name of uvit.PRESETS, or a JSON file
+    of uvit.UViTConfig's fields (a diffusers transformer/config.json is one). UsageError naming what is wrong."""
+    if spec in uvit.PRESETS:
+        return uvit.PRESETS[spec]
+    if not Path(spec).is_file():
+        raise UsageError(f"--init-transformer {spec}: neither a preset ({', '.join(uvit.PRESETS)}) nor a JSON file")
+    try:
+        fields = json.loads(Path(spec).read_text(encoding="utf-8"))
+        if not isinstance(fields, dict):
+            raise ValueError(f"expected a JSON object of UViTConfig fields, got {type(fields).__name__}")
+        return uvit.config_from_hub(fields)  # ValueError naming an unknown or a missing field, or a bad value
+    except (OSError, ValueError, TypeError) as e:  # json's and UTF-8's decode errors are ValueErrors
+        raise UsageError(f"--init-transformer {spec}: {e}") from None
+
+
+def load_pipeline(checkpoint: str, variant: str | None, init_transformer: str | None,
+                  new_config: uvit.UViTConfig | None, seed: int, device: torch.device, rank: int) -> Amused:
+    """The pipeline to train, in fp32: --checkpoint's, with a new U-ViT of new_config (--init-transformer) in place
+    of its own when given."""
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint, variant)
+    if new_config is not None:
+        ckpt = with_new_transformer(ckpt, new_config, seed,
+                                    f"--init-transformer {init_transformer} with --checkpoint {checkpoint}")
+    pipe = Amused(ckpt, device, torch.float32)
+    s = pipe.transformer.cfg.sample_size
+    log(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s: {pipe.resolution}x{pipe.resolution} images, "
+        f"{s}x{s} tokens", rank)
+    return pipe
+
+
+def with_new_transformer(ckpt: Checkpoint, cfg: uvit.UViTConfig, seed: int, source: str) -> Checkpoint:
+    """ckpt with a newly built U-ViT of config cfg in place of its own. PyTorch's default initialisation, seeded by
+    `seed`: the same weights as diffusers' UVit2DModel(**config) after torch.manual_seed(seed), which adds no init
+    of its own. CheckpointError, naming the mismatch, if cfg does not fit ckpt's text encoder, VQGAN or mask id."""
+    torch.manual_seed(seed)
+    new = dataclasses.replace(ckpt, transformer=uvit.UViT(cfg))
+    check_components(new, source)
+    return new
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -413,20 +473,38 @@ def enable_gradient_checkpointing(transformer: uvit.UViT) -> None:
         module.forward = functools.partial(checkpoint, module.forward, use_reentrant=False)
 
 
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes
+    return f"peak RSS {rss / 2**30:.2f} GB"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The optimizer and the moving average
+
+
 def lr_at(step: int, lr: float, warmup_steps: int) -> float:
     """Constant learning rate after a linear warm-up: step 0 (the first) gets lr / warmup_steps, not 0."""
     return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
 
 
+def autocast_context(mixed_precision: str, device: torch.device):
+    """--mixed-precision as the context the forward passes run in: autocast to fp16 or bf16, or nothing."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=MIXED_PRECISION[mixed_precision])
+
+
 def make_optimizer(named: dict[str, nn.Parameter], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW (betas 0.9, 0.999, eps 1e-8, as the reference), or bitsandbytes' 8-bit AdamW, with weight decay on all
     but the NO_DECAY parameters."""
-    decay = [p for n, p in named.items() if not any(k in n for k in NO_DECAY)]
-    no_decay = [p for n, p in named.items() if any(k in n for k in NO_DECAY)]
+    decay = [p for n, p in named.items() if n not in NO_DECAY]
+    no_decay = [p for n, p in named.items() if n in NO_DECAY]
     groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
               if g["params"]]
     if name == "adamw8bit":
-        import bitsandbytes  # optional dependency; main() checked that it is installed
+        import bitsandbytes  # optional dependency; check_settings checked that it is installed
         return bitsandbytes.optim.AdamW8bit(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
@@ -458,63 +536,273 @@ def swapped_in(params: list[torch.Tensor], ema: list[torch.Tensor] | None):
                 p.copy_(k)
 
 
-def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GB"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes
-    return f"peak RSS {rss / 2**30:.2f} GB"
+@dataclass
+class TrainingState:
+    """What the optimizer steps change; checkpoint.pt saves it, with the step and the RNG states."""
+    params: dict[str, nn.Parameter]  # the trained tensors by name: fp32 master weights
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16 loss scaling; a disabled one (a no-op) otherwise
+    ema: list[torch.Tensor] | None  # the moving average of params, with --ema
+
+
+def optimizer_step(state: TrainingState, lr: float, step: int, max_grad_norm: float | None, ema_decay: float) -> None:
+    """Update the weights from the accumulated gradients (clipped first when max_grad_norm is set), clear the
+    gradients, then move the EMA towards the new weights."""
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    if max_grad_norm is not None:
+        state.scaler.unscale_(state.optimizer)  # clip the true gradients, not the loss-scaled ones
+        torch.nn.utils.clip_grad_norm_(state.params.values(), max_grad_norm)
+    state.scaler.step(state.optimizer)  # skipped when fp16 gradients overflowed
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:
+        ema_update(state.ema, list(state.params.values()), step, ema_decay)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Files
+# Saving and resuming
 
 
-def save_model(path: Path, pipe: Amused, schedule: str) -> None:
+@dataclass(frozen=True)
+class ResumeSettings:
+    """What --resume must find unchanged for the run to continue exactly; saved in checkpoint.pt."""
+    lora: bool
+    lora_rank: int | None  # the LoRA settings are None without --lora
+    lora_alpha: float | None
+    lora_targets: tuple[str, ...] | None
+    init_transformer: dict | None  # the new U-ViT's config (dataclasses.asdict) with --init-transformer
+    seed: int
+    batch_size: int
+    grad_accum: int
+    world_size: int
+    data: str  # Data.fingerprint: the (image, caption) list
+    ema: bool
+    mixed_precision: str
+
+
+def save_state(path: Path, step: int, state: TrainingState, settings: ResumeSettings, device: torch.device) -> None:
+    """checkpoint.pt: everything --resume needs to continue exactly where the run stopped."""
+    saved = {"version": STATE_VERSION, "step": step, "resume_settings": dataclasses.asdict(settings),
+             "params": {n: p.detach() for n, p in state.params.items()},
+             "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(), "ema": state.ema,
+             "rng": {"torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+    atomic_write(path, lambda tmp: torch.save(saved, tmp))
+
+
+def load_state(path: Path, state: TrainingState, settings: ResumeSettings, device: torch.device) -> int:
+    """Restore checkpoint.pt into `state` and the RNGs -> the step it was saved at. UsageError if another version of
+    train.py wrote it, or another run (other ResumeSettings), which could not be continued exactly."""
+    saved = torch.load(path, map_location=device, weights_only=True)
+    if saved.get("version") != STATE_VERSION:
+        raise UsageError(f"{path} was written by another version of train.py (state version {saved.get('version')}, "
+                         f"this one reads {STATE_VERSION}): start the run anew in another --out")
+    before, changed = saved["resume_settings"], []
+    for key, now in dataclasses.asdict(settings).items():
+        if isinstance(now, dict) and isinstance(before.get(key), dict):  # a U-ViT config: the fields that differ
+            changed += [f"{key}.{f} was {before[key].get(f)!r}, now {v!r}" for f, v in now.items()
+                        if before[key].get(f) != v]
+        elif before.get(key) != now:
+            changed.append(f"{key} was {before.get(key)!r}, now {now!r}")
+    if changed:
+        raise UsageError(f"{path} was saved by a different run: " + ", ".join(changed))
+    with torch.no_grad():
+        for n, p in state.params.items():
+            p.copy_(saved["params"][n])
+        for e, s in zip(state.ema or [], saved["ema"] or []):
+            e.copy_(s)
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["rng"]["torch"].cpu())
+    if device.type == "cuda" and saved["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu(), device)
+    return saved["step"]
+
+
+def save_model(path: Path, pipe: Amused) -> None:
     """The whole pipeline as one file in convert_weights.py's format, which Amused.from_pretrained loads."""
     tensors = {f"{name}.{k}": t.detach().to("cpu").contiguous()
                for name in COMPONENTS for k, t in getattr(pipe, name).state_dict().items()}
     configs = {name: getattr(pipe, name).cfg for name in COMPONENTS}
-    save_single_file(path, tensors, single_file_metadata(configs, pipe.tokenizer.files, pipe.mask_id, schedule))
+    save_single_file(path, tensors, single_file_metadata(configs, pipe.tokenizer.files, pipe.mask_id, pipe.schedule))
 
 
-def image_grid(images: list[Image.Image], cols: int = 4) -> Image.Image:
-    cols = min(cols, len(images))
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
+def save(out_dir: Path, step: int, state: TrainingState, settings: ResumeSettings, pipe: Amused, rank: int) -> None:
+    """checkpoint.pt, then the weights (the EMA ones with --ema): the LoRA file, or the whole pipeline. Rank 0
+    writes; the other processes wait for it."""
+    if rank == 0:
+        save_state(out_dir / STATE_FILE, step, state, settings, pipe.device)
+        weights = out_dir / (LORA_FILE if settings.lora else MODEL_FILE)
+        with swapped_in(list(state.params.values()), state.ema):
+            if settings.lora:
+                save_lora(weights, state.params, settings.lora_rank, settings.lora_alpha, list(settings.lora_targets))
+            else:
+                save_model(weights, pipe)
+        log(f"saved step {step}: {out_dir / STATE_FILE}, {weights}", rank)
+    if settings.world_size > 1:
+        dist.barrier()
+
+
+def validate(path: Path, pipe: Amused, prompts: list[str], seed: int, state: TrainingState, autocast) -> None:
+    """The prompts sampled with the trained weights (the EMA ones with --ema), seeded by --seed, as one grid.
+    Rank 0 alone calls it."""
+    with swapped_in(list(state.params.values()), state.ema), autocast:
+        images = pipe(prompts, generator=torch.Generator().manual_seed(seed))
+    atomic_write(path, lambda tmp: cli.image_grid(images, cols=min(4, len(images))).save(tmp, format="PNG"))
+    print(f"wrote {path}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes, signals, progress
+
+
+def log(message: str, rank: int) -> None:
+    """Print on rank 0 only: under torchrun, one copy of each line."""
+    if rank == 0:
+        print(message, flush=True)
+
+
+def log_settings(settings: dict, rank: int) -> None:
+    """The resolved settings, once, as a table: name, then value."""
+    log("settings:\n" + "\n".join(f"  {key:<24}{value}" for key, value in settings.items()), rank)
+
+
+def torchrun_process(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process. torchrun starts one process per GPU and sets RANK, WORLD_SIZE and
+    LOCAL_RANK; a plain `python train.py` is process 0 of 1. --device cuda is then this process's GPU."""
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in
+                               (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    name = cli.resolve_device(device)  # auto: cuda, else mps, else cpu
+    return rank, world, torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
+
+
+def start_distributed(device: torch.device, world: int) -> None:
+    """Join torchrun's process group, nccl between GPUs or gloo between CPU processes; nothing for one process."""
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def training_model(transformer: uvit.UViT, gradient_checkpointing: bool, device: torch.device,
+                   world: int) -> nn.Module:
+    """The module the training step calls: the U-ViT, with gradient checkpointing if asked; under torchrun wrapped
+    in DistributedDataParallel, which all-reduces the gradients in the backward pass."""
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(transformer)
+    if world == 1:
+        return transformer
+    return DistributedDataParallel(transformer, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def end_distributed(world: int) -> None:
+    """Leave the process group. The caller drops its DistributedDataParallel first: DDP's reducer holds the process
+    group and gloo's pending work, which gc frees here while the interpreter is whole. Left to interpreter shutdown,
+    gloo's threads can abort the process ("terminate called without an active exception": seen once in CI, rank 1,
+    after a finished run)."""
+    if world > 1:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def stop_requests(rank: int):
+    """Inside, Ctrl-C and SIGTERM (what cluster schedulers send) do not interrupt: they are recorded in the yielded
+    list, and the loop stops at the end of the step, where the state is consistent. A second Ctrl-C quits at once
+    (KeyboardInterrupt), but only a second later: torchrun forwards the terminal's Ctrl-C to its workers, which so
+    receive it twice within milliseconds."""
+    requests = []  # times of the stop requests
+
+    def request(signum, frame):
+        if requests and signum == signal.SIGINT and time.monotonic() - requests[0] > 1.0:
+            raise KeyboardInterrupt
+        if not requests:
+            log(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to quit without saving)",
+                rank)
+        requests.append(time.monotonic())
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def log_progress(path: Path, rank: int, step: int, max_steps: int, losses: list[float], lr: float, images: int,
+                 seconds: float, device: torch.device) -> None:
+    """The progress line: the mean loss of the steps since the last one, the learning rate, speed and peak memory;
+    rank 0 prints it and appends it to log.jsonl."""
+    entry = dict(step=step, loss=sum(losses) / len(losses), lr=lr, images_per_s=images / seconds)
+    log(f"step {step}/{max_steps} loss {entry['loss']:.4f} lr {lr:.1e} {entry['images_per_s']:.1f} img/s "
+        f"{peak_memory(device)}", rank)
+    if rank == 0:
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# One training step
+
+
+def step_examples(step: int, batch_size: int, grad_accum: int, rank: int, world: int) -> tuple[range, list[list[int]]]:
+    """The example numbers of optimizer step `step`: its global batch, batch_size x world x grad_accum consecutive
+    examples of the run, and this process's micro-batches of it: micro-batch m of process r holds the batch_size
+    examples from first + (m * world + r) * batch_size on."""
+    G = batch_size * world * grad_accum
+    first = step * G
+    starts = [first + (m * world + rank) * batch_size for m in range(grad_accum)]
+    return range(first, first + G), [list(range(s, s + batch_size)) for s in starts]
+
+
+def accumulate_gradients(model: nn.Module, pipe: Amused, data: Data, empty: tuple[torch.Tensor, torch.Tensor],
+                         micro_batches: list[list[int]], n_masked: int, prompt_dropout: float,
+                         min_masking_rate: float, label_smoothing: float, scaler: torch.amp.GradScaler, autocast,
+                         world: int) -> torch.Tensor:
+    """Forward and backward of this process's micro-batches of one step. The gradients add up in .grad, scaled so
+    that, once DDP has averaged them over the processes, they are those of the global batch's loss: the sum over
+    its n_masked masked tokens, divided by n_masked. -> this process's summed loss, (), not divided."""
+    loss_sum = torch.zeros((), device=pipe.device)
+    for m, numbers in enumerate(micro_batches):
+        batch = make_batch(pipe, data, numbers, empty, prompt_dropout, min_masking_rate, pipe.schedule)
+        # DDP all-reduces the gradients in the backward pass of the last micro-batch only
+        sync = world == 1 or m == len(micro_batches) - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast:
+                # The prompt-only part of the U-ViT runs outside DDP's forward; its parameters' gradients are
+                # all-reduced all the same (DDP hooks every parameter's gradient, wherever it was used).
+                conds = pipe.transformer.encode_conditions(batch.text_hidden, batch.pooled, batch.micro_conds)
+                loss = training_loss(model, batch.input_ids, batch.labels, conds, label_smoothing, reduction="sum")
+            # DDP averages over processes: the factor `world` turns that into the global sum
+            scaler.scale(loss * (world / n_masked)).backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def all_reduce_loss_and_stop(loss_sum: torch.Tensor, stop_requests: int, world: int) -> tuple[float, bool]:
+    """One all-reduce for two things: the global batch's summed loss, and whether any process was asked to stop
+    (all must stop at the same step, or the others would wait for it forever)."""
+    totals = torch.stack([loss_sum, torch.tensor(float(stop_requests), device=loss_sum.device)])
+    if world > 1:
+        dist.all_reduce(totals)
+    return totals[0].item(), totals[1].item() > 0
 
 
 # ----------------------------------------------------------------------------------------------------
 # Training
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    """auto -> cuda if available, else cpu; an explicit device that is not there is an error. Under torchrun each
-    process takes the GPU of its local rank."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: CUDA is not available here; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps: MPS (Apple GPU) is not available here; use --device cpu")
-    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
-
-
-def main(checkpoint: str, data: str, out: str, prompt: str | None = None, variant: str | None = None,
-         lora: bool = False, lora_rank: int = 16, lora_alpha: float = 32.0, lora_targets: str = "to_q,to_k,to_v",
-         lr: float = 1e-4, warmup_steps: int = 0, weight_decay: float = 0.01, optimizer: str = "adamw",
-         max_grad_norm: float | None = None, batch_size: int = 8, grad_accum: int = 1, max_steps: int = 1000,
-         label_smoothing: float = 0.0, prompt_dropout: float = 0.0, min_masking_rate: float = 0.0,
-         mixed_precision: str = "no", gradient_checkpointing: bool = False, ema: bool = False,
-         ema_decay: float = 0.9999, save_every: int = 500, validate_every: int = 250,
-         validation_prompts: list[str] | None = None, log_every: int = 10, seed: int = 0, device: str = "auto",
-         resume: bool = False) -> int:
-    """Train; returns the number of optimizer steps done in all (less than max_steps when interrupted)."""
-    # ---- Checks that need no model: loading takes a while
+def check_settings(*, lora: bool, lora_rank: int, init_transformer: str | None, lr: float, weight_decay: float,
+                   optimizer: str, max_grad_norm: float | None, batch_size: int, grad_accum: int, max_steps: int,
+                   warmup_steps: int, label_smoothing: float, prompt_dropout: float, min_masking_rate: float,
+                   mixed_precision: str, ema_decay: float, save_every: int, validate_every: int, log_every: int,
+                   seed: int, state_path: Path, resume: bool) -> None:
+    """UsageError for settings we cannot train with: checked before anything slow."""
     checks = [
         (lora_rank >= 1, f"--lora-rank must be >= 1, got {lora_rank}"),
+        (not (lora and init_transformer), "--init-transformer trains a new U-ViT, all of it; --lora adapts an "
+                                          "existing one: use one or the other"),
         (lr > 0 and weight_decay >= 0, f"--lr must be > 0 and --weight-decay >= 0, got {lr}, {weight_decay}"),
         (min(batch_size, grad_accum, log_every) >= 1, "--batch-size, --grad-accum and --log-every must be >= 1"),
         (min(max_steps, warmup_steps, save_every, validate_every) >= 0,
@@ -527,6 +815,9 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
         (0 <= seed < 2**30, f"--seed must be in [0, 2**30), got {seed}"),
         (mixed_precision in MIXED_PRECISION, f"--mixed-precision must be one of {list(MIXED_PRECISION)}"),
         (optimizer in ("adamw", "adamw8bit"), f"--optimizer must be adamw or adamw8bit, got {optimizer!r}"),
+        (not resume or state_path.is_file(), f"--resume: there is no {state_path} to continue from"),
+        (resume or not state_path.exists(), f"{state_path} exists: pass --resume to continue that run, or choose "
+                                            f"another --out"),
     ]
     for ok, message in checks:
         if not ok:
@@ -534,209 +825,104 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
     if optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--optimizer adamw8bit needs bitsandbytes, which is not installed: pip install bitsandbytes "
                          "(CUDA only), or use --optimizer adamw")
-    targets = [t for t in lora_targets.split(",") if t]
+
+
+def main(checkpoint: str, data: str, out: str, prompt: str | None = None, variant: str | None = None,
+         init_transformer: str | None = None, lora: bool = False, lora_rank: int = 16, lora_alpha: float = 32.0,
+         lora_targets: str = "to_q,to_k,to_v", lr: float = 1e-4, warmup_steps: int = 0, weight_decay: float = 0.01,
+         optimizer: str = "adamw", max_grad_norm: float | None = None, batch_size: int = 8, grad_accum: int = 1,
+         max_steps: int = 1000, label_smoothing: float = 0.0, prompt_dropout: float = 0.0,
+         min_masking_rate: float = 0.0, mixed_precision: str = "no", gradient_checkpointing: bool = False,
+         ema: bool = False, ema_decay: float = 0.9999, save_every: int = 500, validate_every: int = 250,
+         validation_prompts: list[str] | None = None, log_every: int = 10, seed: int = 0, device: str = "auto",
+         resume: bool = False) -> int:
+    """Train; returns the number of optimizer steps done in all (less than max_steps when interrupted)."""
+    # ---- Settings and data, checked first: loading the model takes a while
     out_dir = Path(out)
-    state_path = out_dir / STATE_FILE
-    if resume and not state_path.is_file():
-        raise UsageError(f"--resume: there is no {state_path} to continue from")
-    if not resume and state_path.exists():
-        raise UsageError(f"{state_path} exists: pass --resume to continue that run, or choose another --out")
-    # torchrun sets these; a plain `python train.py` is one process
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in
-                               (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    dev = resolve_device(device, local_rank)
-    with warnings.catch_warnings():
-        if rank > 0:
-            warnings.simplefilter("ignore")  # rank 0 reports the skipped images once
-        examples = find_examples(data, prompt)
+    check_settings(lora=lora, lora_rank=lora_rank, init_transformer=init_transformer, lr=lr, weight_decay=weight_decay,
+                   optimizer=optimizer, max_grad_norm=max_grad_norm, batch_size=batch_size, grad_accum=grad_accum,
+                   max_steps=max_steps, warmup_steps=warmup_steps, label_smoothing=label_smoothing,
+                   prompt_dropout=prompt_dropout, min_masking_rate=min_masking_rate, mixed_precision=mixed_precision,
+                   ema_decay=ema_decay, save_every=save_every, validate_every=validate_every, log_every=log_every,
+                   seed=seed, state_path=out_dir / STATE_FILE, resume=resume)
+    new_config = transformer_config(init_transformer) if init_transformer else None
+    targets = tuple(t for t in lora_targets.split(",") if t)
+    rank, world, dev = torchrun_process(device)
+    with contextlib.nullcontext() if rank == 0 else warnings.catch_warnings(action="ignore"):
+        examples = find_examples(data, prompt)  # rank 0 alone warns of the images it skips
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    def log(message: str) -> None:
-        if rank == 0:
-            print(message, flush=True)
-
-    if world > 1:
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    start_distributed(dev, world)
     try:
-        # ---- Models: the text encoder and the VQGAN stay frozen, in fp32
-        t0 = time.perf_counter()
-        ckpt = load_checkpoint(checkpoint, variant)
-        schedule = ckpt.masking_schedule  # "cosine" for the released models, the sampler's schedule
-        pipe = Amused(ckpt, dev, torch.float32)
-        transformer = pipe.transformer
+        # ---- Load: the text encoder and the VQGAN stay frozen, in fp32; the U-ViT from the checkpoint, or new
+        pipe = load_pipeline(checkpoint, variant, init_transformer, new_config, seed, dev, rank)
         data_set = Data(examples, pipe.resolution, seed)
-        log(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s: {pipe.resolution}x{pipe.resolution} images, "
-            f"{pipe.grid_size}x{pipe.grid_size} tokens; {len(data_set)} training images")
 
+        # ---- What to train: the whole U-ViT, or LoRA adapters on the frozen one
         torch.manual_seed(seed)  # the LoRA initialisation
-        transformer.train()
-        params = trainable_parameters(transformer, lora, lora_rank, lora_alpha, targets)
-        if lora:
-            log(f"LoRA rank {lora_rank}, alpha {lora_alpha:g} on {len(params) // 2} layers ({', '.join(targets)})")
-        if gradient_checkpointing:
-            enable_gradient_checkpointing(transformer)
-        model = DistributedDataParallel(transformer, device_ids=[dev.index] if dev.type == "cuda" else None) \
-            if world > 1 else transformer
-        opt = make_optimizer(params, optimizer, lr, weight_decay)
-        scaler = torch.amp.GradScaler(dev.type, enabled=mixed_precision == "fp16")  # loss scaling: fp16 only
-        autocast = torch.autocast(dev.type, dtype=MIXED_PRECISION[mixed_precision]) if mixed_precision != "no" \
-            else contextlib.nullcontext()
-        ema_params = [p.detach().clone() for p in params.values()] if ema else None
-        empty = pipe.encode_prompt([""])  # the dropped prompt's conditioning, (1, 77, D) and (1, P)
+        params = trainable_parameters(pipe.transformer.train(), lora, lora_rank, lora_alpha, list(targets))
+        model = training_model(pipe.transformer, gradient_checkpointing, dev, world)
 
-        # What --resume must find unchanged for the run to continue exactly
-        run = dict(lora=lora, lora_rank=lora_rank if lora else None, lora_alpha=lora_alpha if lora else None,
-                   lora_targets=targets if lora else None, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
-                   world_size=world, data=data_set.fingerprint(data), ema=ema, mixed_precision=mixed_precision)
-        step = 0
-        if resume:
-            state = torch.load(state_path, map_location=dev, weights_only=True)
-            changed = {k: (state["run"].get(k), v) for k, v in run.items() if state["run"].get(k) != v}
-            if state.get("version") != STATE_VERSION or changed:
-                raise UsageError(f"{state_path} was saved by a different run: "
-                                 + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in changed.items()))
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(state["params"][n])
-                for e, s in zip(ema_params or [], state["ema"] or []):
-                    e.copy_(s)
-            opt.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng"]["torch"].cpu())
-            if dev.type == "cuda" and state["rng"]["cuda"] is not None:
-                torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), dev)
-            step = state["step"]
-            log(f"resumed {state_path} at step {step}")
-
+        # ---- Optimizer, loss scaling (fp16 only), autocast, EMA; a resumed run's state
+        state = TrainingState(params, make_optimizer(params, optimizer, lr, weight_decay),
+                              torch.amp.GradScaler(dev.type, enabled=mixed_precision == "fp16"),
+                              [p.detach().clone() for p in params.values()] if ema else None)
+        autocast = autocast_context(mixed_precision, dev)
+        settings = ResumeSettings(lora, lora_rank if lora else None, lora_alpha if lora else None,
+                                  targets if lora else None, dataclasses.asdict(new_config) if new_config else None,
+                                  seed, batch_size, grad_accum, world, data_set.fingerprint(data), ema, mixed_precision)
+        step = load_state(out_dir / STATE_FILE, state, settings, dev) if resume else 0
         G = batch_size * world * grad_accum  # the global batch
-        L = pipe.grid_size ** 2
-        n_trainable = sum(p.numel() for p in params.values())
-        log("settings:")
-        settings = dict(mode="LoRA" if lora else "full", trainable=f"{n_trainable:,} parameters", device=dev,
-                        processes=world, batch=f"{batch_size} x {world} processes x {grad_accum} accumulation = {G}",
-                        lr=f"{lr:g} (warm-up {warmup_steps} steps)", optimizer=optimizer,
-                        mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-                        ema=f"{ema_decay:g}" if ema else "off", prompt_dropout=prompt_dropout,
-                        label_smoothing=label_smoothing, max_steps=max_steps, seed=seed, out=out_dir)
-        for key, value in settings.items():
-            log(f"  {key:<24}{value}")
+        mode = (f"LoRA rank {lora_rank}, alpha {lora_alpha:g} on {len(params) // 2} layers ({', '.join(targets)})"
+                if lora else f"full, a new U-ViT ({init_transformer})" if init_transformer else "full")
+        log_settings(dict(mode=mode, trainable=f"{sum(p.numel() for p in params.values()):,} parameters",
+                          data=f"{len(data_set)} images", device=dev, processes=world,
+                          batch=f"{batch_size} x {world} processes x {grad_accum} accumulation = {G}",
+                          lr=f"{lr:g} (warm-up {warmup_steps} steps)", optimizer=optimizer,
+                          mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+                          ema=f"{ema_decay:g}" if ema else "off", prompt_dropout=prompt_dropout,
+                          label_smoothing=label_smoothing, max_steps=max_steps, seed=seed, out=out_dir,
+                          start=f"step {step}, resumed from {out_dir / STATE_FILE}" if resume else "step 0"), rank)
 
-        def save(step: int) -> None:
-            """Training state, then the weights (the EMA ones when --ema), from rank 0; the others wait."""
-            if rank == 0:
-                state = {"version": STATE_VERSION, "step": step, "run": run,
-                         "params": {n: p.detach() for n, p in params.items()},
-                         "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "ema": ema_params,
-                         "rng": {"torch": torch.get_rng_state(),
-                                 "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}}
-                atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-                with swapped_in(list(params.values()), ema_params):
-                    if lora:
-                        save_lora(out_dir / LORA_FILE, params, lora_rank, lora_alpha, targets)
-                    else:
-                        save_model(out_dir / MODEL_FILE, pipe, schedule)
-                log(f"saved step {step}: {state_path}, {out_dir / (LORA_FILE if lora else MODEL_FILE)}")
-            if world > 1:
-                dist.barrier()
-
-        def validate(step: int) -> None:
-            with swapped_in(list(params.values()), ema_params), autocast:
-                images = pipe(validation_prompts, generator=torch.Generator().manual_seed(seed))
-            path = out_dir / f"validation-{step:06d}.png"
-            atomic_write(path, lambda tmp: image_grid(images).save(tmp, format="PNG"))
-            log(f"wrote {path}")
-
-        # Ctrl-C and SIGTERM (what cluster schedulers send) ask for a stop at the end of the step, where the state is
-        # consistent. A second Ctrl-C quits at once, but only a second later: torchrun forwards the terminal's
-        # Ctrl-C to its workers, which so receive it twice within milliseconds.
-        stop = []  # times of the stop requests
-
-        def request_stop(signum, frame):
-            if stop and signum == signal.SIGINT and time.monotonic() - stop[0] > 1.0:
-                raise KeyboardInterrupt
-            if not stop:
-                log(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to quit without saving)")
-            stop.append(time.monotonic())
-
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            t_log, n_log, losses = time.perf_counter(), 0, []
+        # ---- Train: one optimizer step per global batch; Ctrl-C or SIGTERM stops at the end of a step
+        empty = pipe.encode_prompt([""])  # the dropped prompt's conditioning, (1, 77, D) and (1, P)
+        seq_len = pipe.transformer.cfg.sample_size ** 2  # tokens per image
+        t_log, losses = time.perf_counter(), []
+        with stop_requests(rank) as stop:
             while step < max_steps:
+                global_batch, micro_batches = step_examples(step, batch_size, grad_accum, rank, world)
+                n_masked = sum(example_mask_count(seed, g, seq_len, min_masking_rate, pipe.schedule)
+                               for g in global_batch)  # of the global batch: what the loss is divided by
+                loss_sum = accumulate_gradients(model, pipe, data_set, empty, micro_batches, n_masked, prompt_dropout,
+                                                min_masking_rate, label_smoothing, state.scaler, autocast, world)
                 lr_now = lr_at(step, lr, warmup_steps)
-                for group in opt.param_groups:
-                    group["lr"] = lr_now
-                first = step * G  # examples first .. first + G - 1 of the run make up this step's global batch
-                n_total = sum(masked_count(seed, first + j, L, min_masking_rate, schedule) for j in range(G))
-                loss_sum = torch.zeros((), device=dev)
-                for m in range(grad_accum):
-                    start = first + (m * world + rank) * batch_size  # this process's share of micro-batch m
-                    batch = make_batch(pipe, data_set, list(range(start, start + batch_size)), empty, prompt_dropout,
-                                       min_masking_rate, schedule)
-                    # DDP averages gradients over processes: the factor `world` turns that into the global sum
-                    sync = world == 1 or m == grad_accum - 1
-                    with (contextlib.nullcontext() if sync else model.no_sync()):
-                        with autocast:
-                            loss = training_loss(model, batch.input_ids, batch.labels, batch.text_hidden, batch.pooled,
-                                                 batch.micro_conds, label_smoothing, reduction="sum")
-                        scaler.scale(loss * (world / n_total)).backward()
-                    loss_sum += loss.detach()
-                if max_grad_norm is not None:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params.values(), max_grad_norm)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                if ema_params is not None:
-                    ema_update(ema_params, list(params.values()), step, ema_decay)
+                optimizer_step(state, lr_now, step, max_grad_norm, ema_decay)
                 step += 1
-
-                # One all-reduce: the global batch's loss, and whether any process was asked to stop
-                flags = torch.stack([loss_sum, torch.tensor(float(len(stop)), device=dev)])
-                if world > 1:
-                    dist.all_reduce(flags)
-                losses.append(flags[0].item() / n_total)
-                n_log += 1
+                loss_sum, stopping = all_reduce_loss_and_stop(loss_sum, len(stop), world)
+                losses.append(loss_sum / n_masked)
                 if step % log_every == 0 or step == max_steps:
-                    dt = time.perf_counter() - t_log
-                    entry = dict(step=step, loss=sum(losses) / len(losses), lr=lr_now, images_per_s=n_log * G / dt)
-                    log(f"step {step}/{max_steps} loss {entry['loss']:.4f} lr {lr_now:.1e} "
-                        f"{entry['images_per_s']:.1f} img/s {peak_memory(dev)}")
-                    if rank == 0:
-                        with open(out_dir / LOG_FILE, "a") as f:
-                            f.write(json.dumps(entry) + "\n")
-                    t_log, n_log, losses = time.perf_counter(), 0, []
-                if flags[1] > 0:
+                    log_progress(out_dir / LOG_FILE, rank, step, max_steps, losses, lr_now, len(losses) * G,
+                                 time.perf_counter() - t_log, dev)
+                    t_log, losses = time.perf_counter(), []
+                if stopping:
                     break
-                if validation_prompts and validate_every and step % validate_every == 0 and rank == 0:
-                    validate(step)
+                if validation_prompts and rank == 0 and (step == max_steps or validate_every
+                                                         and step % validate_every == 0):
+                    validate(out_dir / f"validation-{step:06d}.png", pipe, validation_prompts, seed, state, autocast)
                 if save_every and step % save_every == 0 and step < max_steps:
-                    save(step)
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        save(step)
+                    save(out_dir, step, state, settings, pipe, rank)
+
+        # ---- Save
+        save(out_dir, step, state, settings, pipe, rank)
         if step < max_steps:
-            log(f"interrupted at step {step}: continue with the same command and --resume")
-        elif validation_prompts and rank == 0 and not (validate_every and step % validate_every == 0):
-            validate(step)
+            log(f"interrupted at step {step}: continue with the same command and --resume", rank)
         return step
     finally:
-        if world > 1:
-            # DDP's reducer holds the process group and gloo's pending work: free them while the interpreter is
-            # whole, then destroy the group. Left to interpreter shutdown, gloo's threads can abort the process
-            # ("terminate called without an active exception": seen once in CI, rank 1, after a finished run).
-            model = None
-            gc.collect()
-            dist.destroy_process_group()
+        model = None  # DDP's reducer, freed before the process group (see end_distributed)
+        end_distributed(world)
 
 
 if __name__ == "__main__":
-    class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        """The docstring's layout kept, and every flag's default shown (they are the real ones)."""
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--checkpoint", default="amused/amused-256",
                    help="hub-layout folder, file from convert_weights.py, or hub repo id (downloaded on first use)")
     p.add_argument("--variant", choices=["fp16"], default=None,
@@ -748,6 +934,10 @@ if __name__ == "__main__":
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue from --out/checkpoint.pt (same data and batch settings)")
     g = p.add_argument_group("what to train")
+    g.add_argument("--init-transformer", metavar="CONFIG", default=None,
+                   help=f"train a new U-ViT from scratch, of this config: a preset ({', '.join(uvit.PRESETS)}) or a "
+                        f"JSON file of uvit.UViTConfig's fields; the VQGAN and text encoder still come from "
+                        f"--checkpoint. None: fine-tune the checkpoint's U-ViT")
     g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False,
                    help="train LoRA adapters instead of the whole U-ViT")
     g.add_argument("--lora-rank", type=int, default=16, help="inner width r of each adapter")
@@ -760,7 +950,7 @@ if __name__ == "__main__":
                         "(256) or 1e-4 (512), single-image style 4e-4")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then constant")
     g.add_argument("--weight-decay", type=float, default=0.01,
-                   help="AdamW's; not on embeddings, biases and the layer_norm weights, as the reference")
+                   help="AdamW's; not on the token embeddings and three RMSNorm weights, as the reference (NO_DECAY)")
     g.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
                    help="adamw8bit: bitsandbytes' 8-bit AdamW (CUDA; pip install bitsandbytes)")
     g.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm; None: no clipping")
@@ -779,21 +969,15 @@ if __name__ == "__main__":
                    help="autocast the U-ViT in fp16 (with loss scaling) or bf16; the weights stay fp32")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute activations in the backward pass: less memory, one more forward per step")
-    g.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="auto: cuda, else cpu")
-    g.add_argument("--seed", type=int, default=0, help="data order, crops, masks, prompt dropout, LoRA init")
+    g.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
+                   help="auto: cuda, else mps, else cpu; under torchrun, cuda is each process's GPU (LOCAL_RANK)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="data order, crops, masks, prompt dropout, LoRA init, a new U-ViT's init")
     g = p.add_argument_group("progress")
     g.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
     g.add_argument("--save-every", type=int, default=500, help="save every N steps (0: only at the end)")
     g.add_argument("--validate-every", type=int, default=250, help="sample --validation-prompts every N steps")
     g.add_argument("--validation-prompts", nargs="+", default=None, help="prompts for the validation grids")
     args = p.parse_args()
-    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
-    try:
-        done = main(**vars(args))
-    except (UsageError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: quit without saving", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(130 if done < args.max_steps else 0)
+    steps_done = cli.run(main, args, errors=(UsageError, CheckpointError, FileNotFoundError))
+    sys.exit(130 if steps_done < args.max_steps else 0)

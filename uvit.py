@@ -16,7 +16,9 @@ keys are exactly UVit2DModel's, so hub weights and diffusers LoRA keys map by id
 
 Everything that depends only on the prompt (text projection, conditioning vector, the text keys/values of
 every cross-attention, every scale/shift modulation) is computed by `UViT.encode_conditions` once per prompt;
-`UViT.forward_with_conditions` then runs only the token path, once per sampling step.
+`UViT.forward(ids, conds)` then runs only the token path, once per sampling step. The forward checks shapes
+only (free, and static under torch.compile); `UViT.check_ids` also checks the ids' values, for ids from outside:
+reading them back would make the device wait on every sampling step.
 """
 import math
 from dataclasses import dataclass, fields
@@ -50,7 +52,7 @@ class UViTConfig:
     num_attention_heads: int
     intermediate_size: int  # GEGLU inner width
     layer_norm_eps: float
-    sample_size: int  # side of the token grid (ids are (B, sample_size, sample_size))
+    sample_size: int  # side of the token grid: ids are (B, sample_size, sample_size); halved inside when downsample
 
     def __post_init__(self):
         # Shapes the modules below assume; a config breaking one is a checkpoint we do not know.
@@ -69,10 +71,6 @@ class UViTConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ValueError(f"UViTConfig.{key} = {getattr(self, key)} {why}")
-
-    @property
-    def grid_size(self) -> int:
-        return self.sample_size  # token grid side; the transformer sees grid_size // 2 with downsampling
 
     @property
     def head_dim(self) -> int:
@@ -129,22 +127,26 @@ PRESETS = {
 
 # Hub config keys this file hard-codes rather than reads: the value every released checkpoint has.
 FIXED_HUB_CONFIG = {"use_bias": False, "hidden_dropout": 0.0, "attention_dropout": 0.0, "ln_elementwise_affine": True}
+# Every key of a diffusers transformer/config.json that this file reads or checks; keys starting with "_" are
+# diffusers' bookkeeping (_class_name, _diffusers_version, _name_or_path). convert_weights.hub_config decides
+# what to do with any other key.
+HUB_KEYS = frozenset(f.name for f in fields(UViTConfig)) | FIXED_HUB_CONFIG.keys()
 
 
 def config_from_hub(d: dict) -> UViTConfig:
     """A UViTConfig from a diffusers transformer/config.json dict; ValueError naming any key we cannot honour."""
-    ours = {f.name for f in fields(UViTConfig)}
     for key, value in d.items():
         if key.startswith("_"):
-            continue  # _class_name, _diffusers_version, _name_or_path: bookkeeping
+            continue
+        if key not in HUB_KEYS:
+            raise ValueError(f"unknown UVit2DModel config key {key!r}")
         if key in FIXED_HUB_CONFIG and value != FIXED_HUB_CONFIG[key]:
             raise ValueError(f"{key} = {value!r} is not supported (released checkpoints: {FIXED_HUB_CONFIG[key]!r})")
-        if key not in ours and key not in FIXED_HUB_CONFIG:
-            raise ValueError(f"unknown UVit2DModel config key {key!r}")
-    missing = sorted(ours - set(d))
+    ours = [f.name for f in fields(UViTConfig)]
+    missing = sorted(set(ours) - set(d))
     if missing:
         raise ValueError(f"config is missing {missing}")
-    return UViTConfig(**{k: d[k] for k in sorted(ours)})
+    return UViTConfig(**{k: d[k] for k in ours})
 
 
 def micro_cond_embedding(micro_conds: torch.Tensor, dim: int) -> torch.Tensor:
@@ -163,8 +165,8 @@ def micro_cond_embedding(micro_conds: torch.Tensor, dim: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # Layers, smallest first
 
-Mod = tuple[torch.Tensor, torch.Tensor]  # a (scale, shift) modulation, each (B, dim)
-KV = tuple[torch.Tensor, torch.Tensor]  # text keys and values of one attention, each (B, heads, L, head_dim)
+Modulation = tuple[torch.Tensor, torch.Tensor]  # (scale, shift) of an adaptive norm, each (B, dim)
+TextKV = tuple[torch.Tensor, torch.Tensor]  # text keys and values of one attention, each (B, heads, L, head_dim)
 
 
 class RMSNorm(nn.Module):
@@ -210,13 +212,13 @@ class Attention(nn.Module):
         # A one-element list only so that the key is the reference's `to_out.0`; its `to_out.1` is Dropout(p=0).
         self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=False)])
 
-    def kv(self, ctx) -> KV:  # ctx: (B, L, kv_dim)
+    def kv(self, ctx) -> TextKV:  # ctx: (B, L, kv_dim)
         B, L, _ = ctx.shape
         k = self.to_k(ctx).view(B, L, self.heads, -1).transpose(1, 2)  # (B, heads, L, head_dim)
         v = self.to_v(ctx).view(B, L, self.heads, -1).transpose(1, 2)  # (B, heads, L, head_dim)
         return k, v
 
-    def forward(self, x, kv: KV | None = None):  # x: (B, N, D); kv None means self-attention
+    def forward(self, x, kv: TextKV | None = None):  # x: (B, N, D); kv None means self-attention
         B, N, D = x.shape
         q = self.to_q(x).view(B, N, self.heads, -1).transpose(1, 2)  # (B, heads, N, head_dim)
         k, v = self.kv(x) if kv is None else kv
@@ -258,11 +260,11 @@ class AdaLayerNormContinuous(nn.Module):
         self.linear = nn.Linear(cond_dim, 2 * dim, bias=False)
         self.norm = norm
 
-    def modulation(self, cond) -> Mod:  # cond: (B, cond_dim)
+    def modulation(self, cond) -> Modulation:  # cond: (B, cond_dim)
         scale, shift = self.linear(F.silu(cond)).chunk(2, dim=1)  # scale first, as in the reference
         return scale, shift  # each (B, dim)
 
-    def forward(self, x, mod: Mod):  # x: (B, N, dim)
+    def forward(self, x, mod: Modulation):  # x: (B, N, dim)
         scale, shift = mod
         return self.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
 
@@ -307,11 +309,11 @@ class ConvNextBlock(nn.Module):
         self.channelwise_linear_2 = nn.Linear(4 * C, C, bias=False)
         self.cond_embeds_mapper = nn.Linear(cfg.hidden_size, 2 * C, bias=False)
 
-    def modulation(self, cond) -> Mod:  # cond: (B, hidden_size)
+    def modulation(self, cond) -> Modulation:  # cond: (B, hidden_size)
         scale, shift = self.cond_embeds_mapper(F.silu(cond)).chunk(2, dim=1)  # scale first
         return scale, shift  # each (B, C)
 
-    def forward(self, x, mod: Mod):  # x: (B, C, H, W)
+    def forward(self, x, mod: Modulation):  # x: (B, C, H, W)
         r = x
         x = self.norm(self.depthwise(x).permute(0, 2, 3, 1))  # (B, H, W, C)
         x = F.gelu(self.channelwise_linear_1(x))  # (B, H, W, 4C), exact erf GELU
@@ -336,19 +338,24 @@ class SkipFFTransformerBlock(nn.Module):
         self.norm2 = RMSNorm(C, 1e-6)
         self.attn2 = Attention(C, cfg.block_num_heads, kv_dim=C)
 
-    def text_kv(self, text) -> tuple[KV, KV]:  # text: (B, L, hidden_size), projected
+    def text_kv(self, text) -> tuple[TextKV, TextKV]:  # text: (B, L, hidden_size), projected
         ctx = self.kv_mapper(F.silu(text))  # (B, L, C)
         return self.attn1.kv(ctx), self.attn2.kv(ctx)
 
-    def forward(self, x, kvs: tuple[KV, KV]):  # x: (B, N, C)
+    def forward(self, x, kvs: tuple[TextKV, TextKV]):  # x: (B, N, C)
         x = x + self.attn1(self.norm1(x), kvs[0])
         return x + self.attn2(self.norm2(x), kvs[1])
 
 
 class StageConditions(NamedTuple):
     """Prompt-only inputs of one (ConvNextBlock, SkipFFTransformerBlock) pair of a UVitBlock."""
-    res_block: Mod  # ConvNeXt output modulation, each (B, C)
-    attention_block: tuple[KV, KV]  # text (k, v) of attn1 and attn2, each (B, block_num_heads, L, block_head_dim)
+    res_block: Modulation  # ConvNeXt output modulation, each (B, C)
+    attention_block: tuple[TextKV, TextKV]  # text (k, v) of attn1 and attn2, each (B, block_num_heads, L, block_head_dim)
+
+
+# Downsample2D and Upsample2D are named after the diffusers modules behind the checkpoint keys
+# (down_block.downsample, up_block.upsample), but are the U-ViT's own: an RMSNorm and a 2x2 (transposed) conv.
+# vqgan.py's classes of the same names are other layers (a padded 3x3 stride-2 conv; nearest upsampling + 3x3 conv).
 
 
 class Downsample2D(nn.Module):
@@ -412,10 +419,10 @@ class UVitBlock(nn.Module):
 
 class LayerConditions(NamedTuple):
     """Prompt-only inputs of one transformer layer. attn1 is self-attention, so it has nothing to cache."""
-    norm1: Mod  # each (B, hidden_size)
-    norm2: Mod
-    attn2: KV  # text (k, v), each (B, num_attention_heads, L, head_dim)
-    norm3: Mod
+    norm1: Modulation  # each (B, hidden_size)
+    norm2: Modulation
+    attn2: TextKV  # text (k, v), each (B, num_attention_heads, L, head_dim)
+    norm3: Modulation
 
 
 class TransformerLayer(nn.Module):
@@ -502,7 +509,7 @@ class UViT(nn.Module):
         pooled: (B, cond_embed_dim) CLIP pooled, projected embedding.
         micro_conds: (B, 5) [width, height, crop_top, crop_left, aesthetic score], any real dtype.
         """
-        self._check_conditions(text_hidden, pooled, micro_conds)
+        self._check_condition_shapes(text_hidden, pooled, micro_conds)
         dtype = self.encoder_proj.weight.dtype
         # The text encoder may run in another precision; the reference would fail on the mismatch instead.
         text = self.encoder_proj_layer_norm(self.encoder_proj(text_hidden.to(dtype)))  # (B, L, D)
@@ -518,15 +525,12 @@ class UViT(nn.Module):
             up_block=self.up_block.conditions(text, cond),
         )
 
-    def forward_with_conditions(self, ids, conds: Conditions):
-        """Logits for a token grid under precomputed conditions. ids: (B, h, w) long -> (B, codebook_size, h, w)."""
-        self._check_ids(ids, conds.batch_size)
-        return self.predict(ids, conds)
-
-    def predict(self, ids, conds: Conditions):
-        """forward_with_conditions without the input checks, for sampling loops whose ids are valid by
-        construction: the checks read values back from the device (a host sync each step), and a compiled
-        CUDA-graph step must have none."""
+    def forward(self, ids, conds: Conditions):
+        """Logits over the codebook for a token grid. ids: (B, h, w) long, h = w = sample_size, each in
+        [0, vocab_size) (not checked here: see check_ids); conds: encode_conditions() of a batch of B.
+        Returns (B, codebook_size, h, w). UVit2DModel(ids, text_hidden, pooled, micro_conds) is
+        forward(ids, encode_conditions(text_hidden, pooled, micro_conds))."""
+        self._check_id_shapes(ids, conds.batch_size)
         x = self.embed(ids)  # (B, C, h, w)
         x = self.down_block(x, conds.down_block)  # (B, C, H, W); H = h/2 with downsampling
         B, C, H, W = x.shape
@@ -539,15 +543,20 @@ class UViT(nn.Module):
         x = self.up_block(x, conds.up_block)  # (B, C, h, w)
         return self.mlm_layer(x)  # (B, codebook_size, h, w)
 
-    def forward(self, ids, text_hidden, pooled, micro_conds):
-        """ids: (B, h, w) long, h = w = sample_size; text_hidden: (B, L, encoder_hidden_size); pooled:
-        (B, cond_embed_dim); micro_conds: (B, 5). Returns logits (B, codebook_size, h, w), like UVit2DModel."""
-        return self.forward_with_conditions(ids, self.encode_conditions(text_hidden, pooled, micro_conds))
+    def check_ids(self, ids, batch_size: int) -> None:
+        """ValueError unless ids fit forward: shape, dtype, and every id in [0, vocab_size). For ids from outside
+        (a file, a user); reading the range back makes the device wait, so the sampler, whose ids are valid by
+        construction, does not call it."""
+        self._check_id_shapes(ids, batch_size)
+        lo, hi = torch.aminmax(ids)
+        if (lo < 0) | (hi >= self.cfg.vocab_size):  # one host sync
+            raise ValueError(f"ids must lie in [0, {self.cfg.vocab_size}) (vocab_size; the mask id is the last); "
+                             f"got min {lo.item()}, max {hi.item()}")
 
     def _preset_name(self) -> str:
         return next((name for name, c in PRESETS.items() if c == self.cfg), "this config")
 
-    def _check_conditions(self, text_hidden, pooled, micro_conds):
+    def _check_condition_shapes(self, text_hidden, pooled, micro_conds):
         cfg = self.cfg
         B = pooled.shape[0] if pooled.ndim == 2 else None
         expected = [
@@ -561,8 +570,8 @@ class UViT(nn.Module):
                                  f"pooled; got text_hidden {tuple(text_hidden.shape)}, pooled {tuple(pooled.shape)}, "
                                  f"micro_conds {tuple(micro_conds.shape)}")
 
-    def _check_ids(self, ids, batch_size: int):
-        s = self.cfg.grid_size
+    def _check_id_shapes(self, ids, batch_size: int):
+        s = self.cfg.sample_size
         if ids.ndim != 3 or ids.shape[1:] != (s, s):
             raise ValueError(f"{self._preset_name()} expects a {s}x{s} token grid, ids of shape (B, {s}, {s}); "
                              f"got {tuple(ids.shape)}")
@@ -570,7 +579,3 @@ class UViT(nn.Module):
             raise ValueError(f"ids must be integer token ids (torch.long), got {ids.dtype}")
         if ids.shape[0] != batch_size:
             raise ValueError(f"ids batch size {ids.shape[0]} != conditions batch size {batch_size}")
-        lo, hi = torch.aminmax(ids)
-        if (lo < 0) | (hi >= self.cfg.vocab_size):  # one host sync per call, the price of a clear error
-            raise ValueError(f"ids must lie in [0, {self.cfg.vocab_size}) (vocab_size; the mask id is the last); "
-                             f"got min {lo.item()}, max {hi.item()}")

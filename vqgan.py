@@ -32,10 +32,6 @@ class VQConfig:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)  # pixels per token along each side
 
-    @property
-    def vq_embed_dim(self) -> int:
-        return self.latent_channels  # the hub config has vq_embed_dim null, which means this
-
 
 # Both amused-256 and amused-512 ship this VQ (reference doc §1.3; hub vqvae/config.json).
 PRESETS = {
@@ -61,6 +57,10 @@ FIXED_HUB_CONFIG = {
 # Hub config keys with no effect on this model: the resolution the VQ was trained at, and a latent scale that
 # only latent-diffusion pipelines use. Keys starting with "_" are diffusers bookkeeping and are skipped too.
 UNUSED_HUB_KEYS = {"sample_size", "scaling_factor"}
+# Every key of a diffusers vqvae/config.json that this file reads or checks (convert_weights.hub_config decides
+# what to do with any other). vq_embed_dim is the codebook width, null in the hub config: latent_channels.
+HUB_KEYS = (frozenset(VQConfig.__dataclass_fields__) | FIXED_HUB_CONFIG.keys() | UNUSED_HUB_KEYS
+            | {"down_block_types", "up_block_types", "vq_embed_dim"})
 
 NORM_EPS = 1e-6  # matches reference: vae.py hard-codes resnet_eps=1e-6 and GroupNorm eps=1e-6 everywhere
 
@@ -74,8 +74,7 @@ def config_from_hub(d: dict) -> VQConfig:
         "down_block_types": ("DownEncoderBlock2D",) * n_levels,
         "up_block_types": ("UpDecoderBlock2D",) * n_levels,
     }
-    known = set(fields) | set(expected) | UNUSED_HUB_KEYS | {"vq_embed_dim"}
-    unknown = sorted(k for k in d if k not in known and not k.startswith("_"))
+    unknown = sorted(k for k in d if k not in HUB_KEYS and not k.startswith("_"))
     missing = [k for k in [*fields, *expected, "vq_embed_dim"] if k not in d]
     if unknown or missing:
         # A missing key would take diffusers' default, which for most of these is not the amused value.
@@ -250,7 +249,7 @@ class VectorQuantizer(nn.Module):
 
     def __init__(self, cfg: VQConfig):
         super().__init__()
-        self.embedding = nn.Embedding(cfg.num_vq_embeddings, cfg.vq_embed_dim)  # (K, C)
+        self.embedding = nn.Embedding(cfg.num_vq_embeddings, cfg.latent_channels)  # (K, C)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # z: (B, C, h, w) -> ids (B, h, w)
         B, C, h, w = z.shape
@@ -271,15 +270,16 @@ class VectorQuantizer(nn.Module):
 
 
 class VQModel(nn.Module):
-    """The aMUSEd VQGAN. Public API: encode_to_ids (images -> ids) and decode_ids (ids -> images)."""
+    """The aMUSEd VQGAN. Public API: encode_to_ids (images -> ids) and decode_ids (ids -> images); training a VQ
+    (examples/digits.py) uses the parts: encoder + quant_conv -> latents, quantize, post_quant_conv + decoder."""
 
     def __init__(self, cfg: VQConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.quant_conv = nn.Conv2d(cfg.latent_channels, cfg.vq_embed_dim, 1)
+        self.quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
         self.quantize = VectorQuantizer(cfg)
-        self.post_quant_conv = nn.Conv2d(cfg.vq_embed_dim, cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
         self.decoder = Decoder(cfg)
 
     @property
@@ -300,17 +300,11 @@ class VQModel(nn.Module):
         # inference_mode its parameters do not become inference tensors.
         return _fp32_call(module, x) if self.upcast else module(x)
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 64, H/16, W/16), unquantized
-        # matches reference: pipeline_amused_img2img.py casts the image to the VQ's dtype, fp32 when upcast
-        images = images.to(torch.float32 if self.upcast else self.quant_conv.weight.dtype)
-        return self._run(self.quant_conv, self._run(self.encoder, images))
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:  # codebook vectors (B, 64, h, w) -> (B, 3, 16h, 16w)
-        return self._run(self.decoder, self._run(self.post_quant_conv, z))
-
     @torch.no_grad()
     def encode_to_ids(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W), floats in [0, 1], H and W multiples of 16 -> ids (B, H/16, W/16), long."""
+        """Images (B, 3, H, W), floats in [0, 1], H and W multiples of 16 -> ids (B, H/16, W/16), long.
+
+        Checks its input, values included: it runs once per image, where a host sync costs nothing."""
         f, c = self.cfg.downsample_factor, self.cfg.in_channels
         shape = tuple(images.shape)
         if (images.ndim != 4 or shape[1] != c or not images.is_floating_point()
@@ -321,7 +315,9 @@ class VQModel(nn.Module):
         if not (lo >= 0 and hi <= 1):  # written so that NaN fails too
             raise ValueError(f"images must have values in [0, 1] (not [-1, 1]), got min {lo.item():.4g}, "
                              f"max {hi.item():.4g}")
-        latents = self.encode(images)  # (B, 64, h, w)
+        # matches reference: pipeline_amused_img2img.py casts the image to the VQ's dtype, fp32 when upcast
+        images = images.to(torch.float32 if self.upcast else self.quant_conv.weight.dtype)
+        latents = self._run(self.quant_conv, self._run(self.encoder, images))  # (B, 64, h, w), unquantized
         return self.quantize(latents)  # (B, h, w)
 
     @torch.no_grad()
@@ -329,7 +325,7 @@ class VQModel(nn.Module):
         """Ids (B, h, w), integers in [0, num_vq_embeddings) -> images (B, 3, 16h, 16w) clamped to [0, 1].
 
         The images come in the weights' dtype, except for fp16 weights with force_upcast: then fp32, as the
-        reference pipelines return.
+        reference pipelines return. Checks its input like encode_to_ids.
         """
         K = self.cfg.num_vq_embeddings
         if ids.ndim != 3 or ids.dtype not in (torch.int32, torch.int64) or 0 in ids.shape:
@@ -341,4 +337,4 @@ class VQModel(nn.Module):
         # matches reference: VQModel.decode(ids, force_not_quantize=True, shape=...) with lookup_from_codebook:
         # look up the entries, post_quant_conv, decoder; the pipelines then .clip(0, 1)
         z = self.quantize.get_codebook_entry(ids)  # (B, 64, h, w), exact in any dtype
-        return self.decode(z).clamp(0, 1)  # (B, 3, 16h, 16w)
+        return self._run(self.decoder, self._run(self.post_quant_conv, z)).clamp(0, 1)  # (B, 3, 16h, 16w)

@@ -32,9 +32,9 @@ import clip_text  # noqa: E402
 import uvit  # noqa: E402
 import vqgan  # noqa: E402
 from amused import Amused  # noqa: E402
+from cli import DTYPES  # noqa: E402
 from convert_weights import Checkpoint  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def random_checkpoint(preset: str, tiny: bool) -> Checkpoint:
@@ -91,14 +91,14 @@ def host_syncs(pipe: Amused, steps: int) -> int:
 def logits_diff(pipe: Amused, ref: Amused) -> float:
     """max |logits - fp32 logits| / max |fp32 logits| for one half-masked grid."""
     g = torch.Generator().manual_seed(1)
-    s = ref.grid_size
+    s = ref.transformer.cfg.sample_size
     ids = torch.randint(0, ref.transformer.cfg.codebook_size, (1, s, s), generator=g)
     ids[:, : s // 2] = ref.mask_id
     out = []
     for p in (pipe, ref):
         hidden, pooled = p.encode_prompt(["a photo of a cat"])
         micro = torch.tensor([[p.resolution, p.resolution, 0, 0, 6.0]], device=p.device)
-        out.append(p.transformer(ids.to(p.device), hidden, pooled, micro).float().cpu())
+        out.append(p.transformer(ids.to(p.device), p.transformer.encode_conditions(hidden, pooled, micro)).float().cpu())
     return ((out[0] - out[1]).abs().max() / out[1].abs().max()).item()
 
 
@@ -128,7 +128,7 @@ def main(models, device, batch, tiny, compile):
         if compile:
             pipe = Amused(random_checkpoint(preset, tiny), device, torch.float16)
             eager = run(pipe, device, batch)
-            pipe.transformer.predict = torch.compile(pipe.transformer.predict, mode="reduce-overhead")
+            pipe.transformer.compile(mode="reduce-overhead")
             t0 = time.perf_counter()
             compiled = run(pipe, device, batch)
             same = (compiled[0] == eager[0]).float().mean().item()

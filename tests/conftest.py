@@ -3,10 +3,8 @@
 The reference libraries (diffusers, transformers) are imported only inside tests: they are the oracles
 our from-scratch modules are compared with, never dependencies of the product.
 """
-import json
 import shutil
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the product is flat modules at the repository root
+
+import clip_text  # noqa: E402
 
 # The real CLIP-L/14 vocabulary with the amused special-token files. CI has it; a user's clone does not.
 SHARED_TOKENIZER = ROOT.parent / "shared" / "clip-tokenizer"
@@ -197,20 +197,6 @@ def save_reference(model, root, subfolder, **kwargs):
 # ----------------------------------------------------------------------------------------------------
 # A tiny CLIP-style BPE vocabulary, trained here, so that tokenizer tests run without ../shared/.
 
-
-def bytes_to_unicode():
-    """GPT-2/CLIP's byte -> printable character table, in CLIP's order ("!" first, so "!" gets id 0)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 TINY_CORPUS = (
     "a photo of a cat sitting on the table . a painting of a dog in the park , oil on canvas . "
     "an astronaut riding a horse on the moon ! a bowl of fruit , still life , high quality , 4k . "
@@ -220,76 +206,13 @@ TINY_CORPUS = (
 
 
 def write_tiny_tokenizer(folder, n_merges=300):
-    """Write vocab.json, merges.txt and the amused special-token files (pad "!") for a BPE trained on
-    TINY_CORPUS, in CLIP's layout: 256 byte symbols, the same with "</w>", one entry per merge, then
-    <|startoftext|> and <|endoftext|>."""
+    """A tokenizer folder (vocab.json, merges.txt, the amused special-token files, pad "!") for a BPE trained on
+    TINY_CORPUS by clip_text.train_bpe_files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    b2u = bytes_to_unicode()
-    words = Counter(TINY_CORPUS.split())
-    # each word as a tuple of byte symbols, the last one carrying the end-of-word suffix
-    seqs = {w: tuple(b2u[b] for b in w.encode())[:-1] + (b2u[w.encode()[-1]] + "</w>",) for w in words}
-    merges = []
-    for _ in range(n_merges):
-        pairs = Counter()
-        for w, s in seqs.items():
-            for pair in zip(s, s[1:]):
-                pairs[pair] += words[w]
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))  # ties broken deterministically
-        merges.append(best)
-        for w, s in seqs.items():
-            out, i = [], 0
-            while i < len(s):
-                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
-                    out.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            seqs[w] = tuple(out)
-    symbols = list(b2u.values())
-    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-    vocab_list = list(dict.fromkeys(vocab_list)) + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(vocab_list)}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        text = AMUSED_TOKENIZER_FILES[name]
-        for real, tiny in (("49406", str(vocab["<|startoftext|>"])), ("49407", str(vocab["<|endoftext|>"]))):
-            text = text.replace(f'"{real}"', f'"{tiny}"')
+    for name, text in clip_text.train_bpe_files(TINY_CORPUS, n_merges).items():
         (folder / name).write_text(text)
     return folder
-
-
-# The amused-256 hub tokenizer's special-token files (../shared/docs/hub-checkpoints.md §2.4-2.5).
-_TOKEN = '{{"content": "{}", "lstrip": false, "normalized": {}, "rstrip": false, "single_word": false{}}}'
-AMUSED_TOKENIZER_FILES = {
-    "special_tokens_map.json": json.dumps({
-        "bos_token": json.loads(_TOKEN.format("<|startoftext|>", "true", "")),
-        "eos_token": json.loads(_TOKEN.format("<|endoftext|>", "true", "")),
-        "pad_token": json.loads(_TOKEN.format("!", "false", "")),
-        "unk_token": json.loads(_TOKEN.format("<|endoftext|>", "true", "")),
-    }, indent=2),
-    "tokenizer_config.json": json.dumps({
-        "add_prefix_space": False,
-        "added_tokens_decoder": {
-            "0": json.loads(_TOKEN.format("!", "false", ', "special": true')),
-            "49406": json.loads(_TOKEN.format("<|startoftext|>", "true", ', "special": true')),
-            "49407": json.loads(_TOKEN.format("<|endoftext|>", "true", ', "special": true')),
-        },
-        "bos_token": "<|startoftext|>",
-        "clean_up_tokenization_spaces": True,
-        "do_lower_case": True,
-        "eos_token": "<|endoftext|>",
-        "errors": "replace",
-        "model_max_length": 77,
-        "pad_token": "!",
-        "tokenizer_class": "CLIPTokenizer",
-        "unk_token": "<|endoftext|>",
-    }, indent=2),
-}
 
 
 @pytest.fixture(scope="module")

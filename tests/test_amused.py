@@ -15,7 +15,9 @@ from PIL import Image
 
 import convert_weights
 import amused
-from amused import Amused, OneDNNLinear, num_masked_after, sample_categorical, unmask_step
+import speed
+from amused import Amused, sample_categorical, sampling_mask_count, unmask_step
+from speed import OneDNNLinear
 
 MASK_ID = TINY_UVIT["vocab_size"] - 1
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse!"]
@@ -165,7 +167,7 @@ def test_unmask_step_matches_scheduler_at_full_size(L, dtype):
         ref = sched.step(logits, t, ref, generator=g_ref).prev_sample
         ours = unmask_step(logits, ours, i, steps, mask_id=8255, temperature=temps[i], generator=g_ours)
         assert torch.equal(ours, ref), f"step {i}"
-        assert (ours == 8255).sum(dim=(1, 2)).tolist() == [num_masked_after(i, steps, L)] * B
+        assert (ours == 8255).sum(dim=(1, 2)).tolist() == [sampling_mask_count(i, steps, L)] * B
     assert (ours != 8255).all()
 
 
@@ -185,19 +187,19 @@ def test_sample_categorical_is_torch_multinomial(dtype):
 def test_nan_logits_are_an_error_not_an_image(tiny, monkeypatch):
     """torch.multinomial rejects NaN probabilities on the host every step; we test once per generation."""
     _, ours, _ = tiny
-    predict = ours.transformer.predict
+    forward = ours.transformer.forward
     def overflowing(ids, conds):
-        logits = predict(ids, conds)
+        logits = forward(ids, conds)
         logits[0, 3, 1, 1] = float("nan")
         return logits
-    monkeypatch.setattr(ours.transformer, "predict", overflowing)
+    monkeypatch.setattr(ours.transformer, "forward", overflowing)
     with pytest.raises(FloatingPointError, match="NaN or infinite"):
         ours("a cat", steps=3, generator=gen(0))
 
 
 def test_fast_loop_equals_the_plain_loop(tiny):
-    """The pipeline computes the prompt's conditions once and runs the unchecked token path each step; a plain
-    loop that calls the full U-ViT forward every step (as diffusers does) must give the same tokens."""
+    """The pipeline computes the prompt's conditions once and runs only the token path each step; a plain loop
+    that recomputes the conditions every step (as diffusers' UVit2DModel does) must give the same tokens."""
     _, ours, _ = tiny
     steps, g = 8, 5.0
     fast = ours(PROMPTS, steps=steps, guidance_scale=g, generator=gen(12), output_type="tokens")
@@ -208,7 +210,8 @@ def test_fast_loop_equals_the_plain_loop(tiny):
     tokens, generator, temps = torch.full((2, 8, 8), MASK_ID), gen(12), torch.linspace(2, 0, steps)
     with torch.no_grad():
         for i in range(steps):
-            uncond, cond = ours.transformer(torch.cat([tokens, tokens]), hidden, pooled, micro).chunk(2)
+            conds = ours.transformer.encode_conditions(hidden, pooled, micro)
+            uncond, cond = ours.transformer(torch.cat([tokens, tokens]), conds).chunk(2)
             tokens = unmask_step(uncond + g * (cond - uncond), tokens, i, steps, mask_id=MASK_ID, temperature=temps[i],
                                  generator=generator)
     assert len(fast.unique()) > 5 and torch.equal(fast, tokens)
@@ -217,7 +220,7 @@ def test_fast_loop_equals_the_plain_loop(tiny):
 # ----------------------------------------------------------------------------------------------------
 # exact=False: oneDNN matmuls on the CPU
 
-needs_onednn = pytest.mark.skipif(not amused.onednn_available(), reason="this PyTorch build has no oneDNN")
+needs_onednn = pytest.mark.skipif(not speed.onednn_available(), reason="this PyTorch build has no oneDNN")
 
 
 @needs_onednn
@@ -272,7 +275,7 @@ def test_inexact_mode_matches_diffusers(tiny):
     with torch.no_grad():
         ref_logits = ref.transformer(ids, hidden, pooled, micro)
         with OneDNNLinear():
-            our_logits = fast.transformer(ids, hidden, pooled, micro)
+            our_logits = fast.transformer(ids, fast.transformer.encode_conditions(hidden, pooled, micro))
     assert_close("exact=False logits", our_logits, ref_logits, atol=1e-5 * ref_logits.abs().max().item())
 
     kwargs = dict(negative_prompt=["blurry", "low quality"], num_images_per_prompt=2)
@@ -287,7 +290,7 @@ def test_inexact_mode_matches_diffusers(tiny):
 
 
 def test_inexact_mode_needs_onednn(tiny, monkeypatch):
-    monkeypatch.setattr(amused, "onednn_available", lambda: False)
+    monkeypatch.setattr(speed, "onednn_available", lambda: False)
     with pytest.raises(ValueError, match="oneDNN"):
         Amused.from_pretrained(tiny[2], exact=False)
 
@@ -321,21 +324,21 @@ def test_sampling_invariants(tiny, mode):
         n_before, n_after = (before == MASK_ID).sum((1, 2)), (after == MASK_ID).sum((1, 2))
         assert (n_after < n_before).all() | (n_before == 0).all(), "the masked count must fall every step"
         if mode == "t2i":  # the schedule alone decides the count (inpaint scales it by the masked fraction)
-            expected = 0 if step == steps - 1 else max(1, min(num_masked_after(step, steps, L), int(n_before[0]) - 1))
+            expected = 0 if step == steps - 1 else max(1, min(sampling_mask_count(step, steps, L), int(n_before[0]) - 1))
             assert n_after.tolist() == [expected] * 2
     assert torch.equal(seen[-1][1], out) and (out != MASK_ID).all()  # the last step leaves none masked
 
 
 def test_schedule_counts():
-    """num_masked_after: starts near L, falls monotonically, ends at 0, and rounds in float32 like the reference."""
+    """sampling_mask_count: starts near L, falls monotonically, ends at 0, and rounds in float32 like the reference."""
     for steps, L in [(12, 256), (12, 1024), (16, 256), (2, 1024)]:
-        counts = [num_masked_after(i, steps, L) for i in range(steps)]
+        counts = [sampling_mask_count(i, steps, L) for i in range(steps)]
         assert counts[-1] == 0 and counts[0] < L
         assert all(a > b for a, b in zip(counts, counts[1:]))
-    assert num_masked_after(7, 12, 256) == 127  # float32 cos(pi/3) = 0.49999997; float64 would give 128
-    assert num_masked_after(4, 10, 100, "linear") == 50
+    assert sampling_mask_count(7, 12, 256) == 127  # float32 cos(pi/3) = 0.49999997; float64 would give 128
+    assert sampling_mask_count(4, 10, 100, "linear") == 50
     with pytest.raises(ValueError, match="unknown masking schedule"):
-        num_masked_after(0, 12, 256, "square")
+        sampling_mask_count(0, 12, 256, "square")
 
 
 def test_same_seed_same_result_and_converted_file(tiny, tmp_path):
@@ -396,3 +399,85 @@ def test_image_not_a_multiple_of_the_token_size_is_resized_like_the_reference(ti
     with pytest.warns(UserWarning, match="not a multiple of 4: resized to 32x32"):
         got = ours.img2img("a cat", image, steps=6, generator=gen(2), output_type="tokens")
     assert torch.equal(got, expected)
+
+
+def test_non_finite_settings_are_refused(tiny):
+    _, ours, _ = tiny
+    cases = [
+        (dict(guidance_scale=float("inf")), "guidance_scale must be >= 0 and finite"),
+        (dict(guidance_scale=float("nan")), "guidance_scale must be >= 0 and finite"),
+        (dict(aesthetic_score=float("nan")), "aesthetic_score must be finite"),
+        (dict(temperature=(2.0, float("inf"))), "temperature must be a finite number or a pair"),
+        (dict(temperature=(1, 2, 3)), "temperature must be a finite number or a pair"),
+        (dict(crop_coords=(0, float("nan"))), "crop_coords must be two finite numbers"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ours("a cat", steps=2, generator=gen(0), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# PIL images of every mode Pillow opens: read right, or refused with a clear error
+
+GRADIENT = torch.linspace(0, 255, 32).round().expand(32, 32)  # (H, W): 0 at the left to 255 at the right
+
+
+def gradient_in_mode(mode: str) -> Image.Image:
+    import numpy as np
+    from PIL import ImageCms
+
+    gray = GRADIENT.numpy().astype(np.uint8)
+    if mode == "I;16":
+        return Image.fromarray(gray.astype(np.uint16) * 257)  # 0..65535, as a 16-bit PNG opens
+    if mode == "F":
+        return Image.fromarray(gray.astype(np.float32) / 255)
+    if mode == "LAB":
+        rgb = Image.fromarray(gray).convert("RGB")
+        return ImageCms.profileToProfile(rgb, ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"),
+                                         outputMode="LAB")
+    return Image.fromarray(gray).convert(mode)
+
+
+@pytest.mark.parametrize("mode, atol", [("L", 0), ("P", 0), ("RGB", 0), ("RGBA", 0), ("LA", 0), ("PA", 0),
+                                        ("CMYK", 0), ("YCbCr", 0), ("LAB", 1), ("I;16", 0), ("F", 0)])
+def test_every_pillow_mode_is_read_right(mode, atol):
+    """Every channel of the pipeline's input equals the gradient the image was made from, within `atol` / 255
+    (LAB: Pillow's conversion back to RGB rounds by one level). A 16-bit image converted by Pillow alone would be
+    white almost everywhere."""
+    image = gradient_in_mode(mode)
+    assert image.mode == mode
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pixels = amused.preprocess_image(image, 32)  # (1, 3, 32, 32) in [0, 1]
+    diff = (pixels[0] * 255 - GRADIENT).abs().max().item()
+    print(f"{mode}: max deviation {diff:.2f} / 255")
+    assert pixels.shape == (1, 3, 32, 32) and diff <= atol + 1e-3
+    transparency = [w for w in caught if "transparency" in str(w.message)]
+    assert len(transparency) == (mode in ("RGBA", "LA", "PA"))
+
+
+def test_pillow_modes_without_a_known_range_are_refused():
+    import numpy as np
+
+    with pytest.raises(ValueError, match="32-bit integer pixels"):
+        amused.preprocess_image(Image.fromarray(GRADIENT.numpy().astype(np.int32) * 1000), 32)
+    with pytest.raises(ValueError, match=r"F pixels lie in \[0, 255\], outside \[0, 1\]"):
+        amused.preprocess_image(Image.fromarray(GRADIENT.numpy().astype(np.float32)), 32)
+    nan = GRADIENT.numpy().astype(np.float32) / 255
+    nan[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="outside"):
+        amused.preprocess_image(Image.fromarray(nan), 32)
+
+
+def test_a_16_bit_mask_selects_what_it_shows():
+    """The right half of a 16-bit mask is white (65535), the left black, except a dim 1000/65535 stripe that
+    Pillow's own conversion would clip to white."""
+    import numpy as np
+
+    values = np.zeros((32, 32), dtype=np.uint16)
+    values[:, 16:] = 65535
+    values[:, :4] = 1000
+    repaint = amused.preprocess_mask(Image.fromarray(values), (32, 32), (8, 8))  # (1, 8, 8)
+    expected = torch.zeros(1, 8, 8, dtype=torch.bool)
+    expected[..., 4:] = True
+    assert torch.equal(repaint, expected)

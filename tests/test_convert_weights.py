@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -20,6 +21,7 @@ import torch
 from conftest import ROOT, reference_pipeline, save_hub_checkpoint
 from safetensors.torch import load_file, save_file
 
+import cli
 import convert_weights as cw
 
 
@@ -102,8 +104,8 @@ def test_cli_converts_tiny_checkpoint(tiny_hub, tmp_path, dtype):
     out = tmp_path / "tiny.safetensors"
     r = run_cli(tiny_hub, "-o", out, "--dtype", dtype)
     assert r.returncode == 0, r.stderr
-    assert "transformer" in r.stdout and "parameters" in r.stdout and str(cw.DTYPES[dtype])[6:] in r.stdout
-    assert_same_tensors(cw.load_checkpoint(out), tiny_hub, dtype=cw.DTYPES[dtype])
+    assert "transformer" in r.stdout and "parameters" in r.stdout and str(cli.DTYPES[dtype])[6:] in r.stdout
+    assert_same_tensors(cw.load_checkpoint(out), tiny_hub, dtype=cli.DTYPES[dtype])
     assert not [p for p in tmp_path.iterdir() if p.name != out.name]  # no temporary file left behind
     umask = os.umask(0)
     os.umask(umask)
@@ -216,7 +218,7 @@ def test_cli_without_network_says_how_to_get_the_weights(tmp_path):
     env = hub_env(tmp_path, 9)  # port 9 (discard): nothing listens, the connection is refused
     r = run_cli("amused/amused-256", "-o", tmp_path / "x.safetensors", env=env)
     assert r.returncode == 2, r.stderr
-    assert "could not download" in r.stderr and "huggingface-cli download" in r.stderr
+    assert "could not download" in r.stderr and "hf download amused" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -296,3 +298,57 @@ def test_loading_a_foreign_safetensors_file_explains(tmp_path):
     save_file({"x": torch.zeros(2)}, f)
     with pytest.raises(cw.CheckpointError, match="not a converted amused file"):
         cw.load_checkpoint(f)
+
+
+def test_an_empty_folder_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for load in (cw.load_checkpoint, lambda f: cw.convert(f, tmp_path / "out.safetensors")):
+        with pytest.raises(cw.CheckpointError, match="empty: not a hub-layout checkpoint folder.*nor a file converted"):
+            load(tmp_path / "empty")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configs written by other library versions: unknown keys that cannot change the model load with a warning naming
+# them; any other unknown key is an error naming it.
+
+NEUTRAL_EXTRAS = {"_use_default_values": ["sample_size"], "_commit_hash": "0123abc", "use_future_kernel": False,
+                  "future_option": None}
+
+
+@pytest.mark.parametrize("name", sorted(cw.COMPONENTS))
+def test_configs_with_extra_keys(tiny_hub, tmp_path, name):
+    """The configs here are written by the pinned diffusers / transformers (save_pretrained); we add keys to them."""
+    folder = shutil.copytree(tiny_hub, tmp_path / "hub")
+    config_path = folder / name / "config.json"
+    written = json.loads(config_path.read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the configs as the libraries wrote them: not a word
+        plain = cw.load_checkpoint(folder)
+
+    config_path.write_text(json.dumps({**written, **NEUTRAL_EXTRAS}))
+    with pytest.warns(UserWarning) as caught:
+        ckpt = cw.load_checkpoint(folder)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    message = str(caught[0].message)
+    assert str(config_path) in message and all(k in message for k in NEUTRAL_EXTRAS), message
+    assert getattr(ckpt, name).cfg == getattr(plain, name).cfg
+
+    for key, value in (("future_option", 3), ("use_future_kernel", True), ("future_mode", "fast")):
+        config_path.write_text(json.dumps({**written, key: value}))
+        with pytest.raises(cw.CheckpointError, match=rf"config.json: unknown config key '{key}' = {value!r}"):
+            cw.load_checkpoint(folder)
+
+
+def test_text_encoder_config_of_an_older_transformers_loads_silently(tiny_hub, tmp_path):
+    """transformers 4.x wrote its generic settings (generation, labels, output flags) into every config.json."""
+    folder = shutil.copytree(tiny_hub, tmp_path / "hub")
+    config_path = folder / "text_encoder" / "config.json"
+    old = {**json.loads(config_path.read_text()), "_name_or_path": "openai/clip-vit-large-patch14",
+           "transformers_version": "4.25.1", "torch_dtype": "float32", "max_length": 20, "top_k": 50,
+           "return_dict": True, "id2label": {"0": "LABEL_0", "1": "LABEL_1"}, "num_beams": 1,
+           "chunk_size_feed_forward": 0, "tie_word_embeddings": True, "pruned_heads": {}}
+    old.pop("dtype", None)
+    config_path.write_text(json.dumps(old))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cw.load_checkpoint(folder).text_encoder.cfg.hidden_size == old["hidden_size"]

@@ -2,14 +2,19 @@
 8x8 tokens, 4 px per token).
 
 What it writes must equal what the pipeline gives for the same settings and seed, pixel for pixel; bad input
-must end in exit code 2 and one `error: ...` line that names the problem, without a traceback. The command-line
+must end in exit code 2 and one `error: ...` line that names the problem, without a traceback, and Ctrl-C in exit
+code 130 and one line. An --init-image or --mask in any mode Pillow reads must reach the pipeline as what it shows
+(a gray ramp, within 2/255), or be refused by name. The command-line
 runs are subprocesses started together (they spend most of their time importing torch); the comparisons that
 need many runs call main() in-process.
 """
+import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,6 +26,7 @@ from conftest import ROOT, reference_pipeline, save_hub_checkpoint, smooth_image
 import amused
 from amused import Amused
 import sample
+import speed
 
 PROMPT = "a photo of a cat"
 # Tiny models run fastest on one thread, and on a shared, busy machine two OpenMP threads can be 100x slower
@@ -54,13 +60,14 @@ def files(tmp_path_factory, tiny_tokenizer_dir):
     hub = save_hub_checkpoint(reference_pipeline("tiny", tiny_tokenizer_dir, seed=3), root / "hub", tiny_tokenizer_dir)
     corrupt = root / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+    (root / "empty").mkdir()
     return dict(
         root=root, hub=str(hub),
         init=write_png(smooth_images(1, 32, 32, seed=1)[0], root / "init.png"),
         init34=write_png(smooth_images(1, 34, 34, seed=2)[0], root / "init34.png"),
         mask=write_png(square_mask(32, 32, 8, 12, 16), root / "mask.png"),
         mask_wide=write_png(square_mask(16, 32, 4, 4, 8), root / "mask_wide.png"),  # 32x16: another aspect
-        corrupt=str(corrupt),
+        corrupt=str(corrupt), empty=str(root / "empty"),
     )
 
 
@@ -103,6 +110,10 @@ def cli_cases(files):
         "device_cuda": ([PROMPT, "--device", "cuda"], {}),
         "out_missing_folder": ([PROMPT, "--out", str(root / "no-such-folder" / "x.png")], {}),
         "checkpoint_missing": ([PROMPT, "--checkpoint", str(root / "missing")], {}),
+        "checkpoint_empty_folder": ([PROMPT, "--checkpoint", files["empty"]], {}),
+        # values argparse takes as numbers, which must fail before the load with the flag's name
+        "guidance_nan": ([PROMPT, "--guidance-scale", "nan", "--checkpoint", str(root / "missing")], {}),
+        "seed_too_big": ([PROMPT, "--seed", "99999999999999999999999", "--checkpoint", str(root / "missing")], {}),
         "hub_offline": ([PROMPT, "--checkpoint", "amused/amused-256"], offline),
     }
 
@@ -143,6 +154,11 @@ def test_cli_prints_settings_once_and_progress_per_step(cli):
     assert all(s[3] == 64 for s in steps) and masked == sorted(masked, reverse=True) and masked[-1] == 0
     assert 0 < masked[0] < 64
     assert re.search(r"^generated 1 image in \d+\.\d+ s", r.stdout, re.M), "the time taken"
+    # after the first step, once, an estimate of the rest of the run
+    lines = r.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("step 1/3:"))
+    assert re.fullmatch(r"  about \d+\.\d s more for the other 2 steps \(at this step's pace\)", lines[first + 1])
+    assert r.stdout.count("  about ") == 1, r.stdout
 
 
 def test_generator_device():
@@ -173,7 +189,10 @@ ERRORS = {  # case -> a piece of the message that names the problem
     "device_cuda": "CUDA is not available",
     "out_missing_folder": "does not exist",
     "checkpoint_missing": "missing: no such file or folder",
-    "hub_offline": "huggingface-cli download amused/amused-256",
+    "checkpoint_empty_folder": "empty: not a hub-layout checkpoint folder",
+    "guidance_nan": "--guidance-scale must be >= 0 and finite",
+    "seed_too_big": "--seed must be in [0, 2**64), got 99999999999999999999999",
+    "hub_offline": "hf download amused/amused-256 --local-dir",
 }
 
 
@@ -197,9 +216,20 @@ def test_cli_bad_input_is_one_error_line(cli, case):
     (dict(strength=0.5), "--strength applies only with --init-image"),
     (dict(num_images=0), "--num-images must be >= 1"),
     (dict(steps="4,5", init_image="in.png", mask="m.png", strength=0.2), "rounds down to 0 steps"),
+    # non-finite numbers and seeds torch.Generator would refuse (or wrap around) late, in other words
+    (dict(guidance_scale=math.inf), "--guidance-scale must be >= 0 and finite"),
+    (dict(guidance_scale=math.nan), "--guidance-scale must be >= 0 and finite"),
+    (dict(aesthetic_score=math.nan), "--aesthetic-score must be a finite number, got nan"),
+    (dict(aesthetic_score=-math.inf), "--aesthetic-score must be a finite number, got -inf"),
+    (dict(init_image="in.png", strength=math.nan), "--strength must be in (0, 1], got nan"),
+    (dict(init_image="in.png", mask="m.png", strength=math.nan), "--strength must be in (0, 1], got nan"),
+    (dict(seed=99999999999999999999999), "--seed must be in [0, 2**64)"),
+    (dict(seed=2**64), "--seed must be in [0, 2**64)"),
+    (dict(seed=-1), "--seed must be in [0, 2**64), got -1"),
 ])
 def test_more_bad_input_rejected_before_loading(kwargs, message):
-    """Errors main() raises before it touches the checkpoint (which does not exist here)."""
+    """Errors main() raises before it touches the checkpoint (which does not exist here, so a check that came after
+    the load would fail with another message)."""
     with pytest.raises(sample.UsageError) as e:
         sample.main(PROMPT, checkpoint="/no/such/checkpoint", **kwargs)
     assert message in str(e.value) and "\n" not in str(e.value)
@@ -247,14 +277,19 @@ def test_num_images_without_step_list_makes_a_column(files, pipe):
         assert_same_image(grid[r][0], ref[r], f"image {r}")
 
 
-def test_img2img_equals_pipeline(files, pipe):
+def test_img2img_equals_pipeline(files, pipe, capsys):
     out = files["root"] / "img2img.png"
     sample.main(PROMPT, checkpoint=files["hub"], steps="4", init_image=files["init"], out=str(out))
     ref = pipe.img2img(PROMPT, Image.open(files["init"]), 0.5, generator=seeded(0), steps=4)[0]  # default strength
     assert_same_image(Image.open(out), ref, "img2img")
+    # the progress starts at step 3/4: said once, before it
+    printed = capsys.readouterr().out
+    note = "note: img2img at --strength 0.5 runs only the last 2 of the 4 steps (the image's tokens stand in for"
+    assert printed.count(note) == 1 and printed.index(note) < printed.index("step 3/4:"), printed
+    assert [m[:2] for m in PROGRESS.findall(printed)] == [("3", "4"), ("4", "4")], printed
 
 
-@pytest.mark.skipif(not amused.onednn_available(), reason="this PyTorch build has no oneDNN")
+@pytest.mark.skipif(not speed.onednn_available(), reason="this PyTorch build has no oneDNN")
 def test_no_exact_runs_the_inexact_pipeline(files, capsys, monkeypatch):
     """--no-exact loads Amused(exact=False) and gives what it gives; that mode's own checks are in test_amused.py."""
     seen, load = {}, Amused.from_pretrained
@@ -327,3 +362,181 @@ def test_step_frames_exact(pipe):
     assert 0 < masked.sum() < 64
     assert (first[masked] == 128).all(), "masked cells are flat grey"
     assert (first[~masked] != 128).any(axis=(1, 2, 3)).all(), "committed cells are decoded, not grey"
+
+
+def test_step_list_note_names_every_count(files, capsys):
+    """Inpainting at strength 0.5 with a list of step counts: one note for them all."""
+    with pytest.raises(sample.CheckpointError):  # the note is printed after the load: make the load fail late
+        sample.main(PROMPT, checkpoint=files["empty"], init_image=files["init"], mask=files["mask"], strength=0.5)
+    job = sample.Job("inpaint", PROMPT, None, 10.0, 1, 6.0, 0.5, None, None)
+    sample.note_step_counts(job, [4, 12, 100], n_tokens=64)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2] == ("note: inpaint at --strength 0.5 runs only the last 2, 6, 50 of the 4, 12, 100 steps "
+                           "(the image's tokens stand in for the first ones)")
+    assert printed[-1].startswith("note: --steps 100 is more than the 64 tokens of an image. Each step commits at "
+                                  "least one token"), printed[-1]
+
+
+def test_duration():
+    assert [sample.duration(s) for s in (0.04, 59.9, 61, 3599, 3600, 9999.0)] == \
+        ["0.0 s", "59.9 s", "1 min 1 s", "59 min 59 s", "1 h 0 min", "2 h 46 min"]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(files):
+    """--steps 1000 on the 64-token model: a note says why that is no better, step 1 an estimate of the rest; a
+    SIGINT then stops the run with one line `interrupted`, exit code 130, no traceback and no output file."""
+    out = files["root"] / "interrupted.png"
+    p = subprocess.Popen([sys.executable, "sample.py", PROMPT, "--steps", "1000", "--checkpoint", files["hub"],
+                          "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **ONE_THREAD})
+    try:
+        lines = []
+        for line in p.stdout:  # until the estimate after step 1 (or the end, if it never comes)
+            lines.append(line)
+            if line.startswith("  about "):
+                p.send_signal(signal.SIGINT)
+                break
+        rest, stderr = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    stdout = "".join(lines) + rest
+    assert p.returncode == 130, f"exit code {p.returncode}; stdout: {stdout[-2000:]}; stderr: {stderr[-2000:]}"
+    assert stderr == "interrupted\n", stderr
+    assert "note: --steps 1000 is more than the 64 tokens of an image. Each step commits at least one token, so " \
+           "past 64 steps the extra steps only resample the last masked tokens: the result is not better" in stdout
+    assert re.search(r"^step 1/1000: 63 of 64 tokens still masked \(\d+\.\d+ s\)\n  about .+ more for the other 999 "
+                     r"steps", stdout, re.M), stdout
+    assert not out.exists() and not list(files["root"].glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# --init-image and --mask in every mode Pillow reads: what the pipeline receives is the image's content
+
+RAMP = np.add.outer(np.arange(32), np.arange(32)) * 255 // 62  # (32, 32) uint8 gray ramp, 0 at the top left to 255
+RAMP = RAMP.astype("uint8")
+
+
+def ramp_file(folder, mode: str, fmt: str, scale=1 / 255, size=32):
+    """The gray ramp saved in Pillow mode `mode` as a `fmt` file (scale: of the F mode's values)."""
+    ramp = RAMP if size == 32 else np.asarray(Image.fromarray(RAMP).resize((size, size), resample=Image.BICUBIC))
+    gray = Image.fromarray(ramp)
+    if mode in ("I;16", "I"):
+        image = Image.fromarray(ramp.astype("uint16") * 257)  # 0..65535; "I" as 32-bit integers
+        image = image if mode == "I;16" else image.convert("I")
+    elif mode == "F":
+        image = Image.fromarray(ramp.astype("float32") * (scale * 1.0))
+    elif mode in ("RGBA", "LA", "PA"):  # the colour channels are the ramp; alpha a ramp the other way
+        alpha = Image.fromarray(255 - ramp)
+        image = Image.merge(mode, (*gray.convert(mode[:-1]).split(), alpha))
+    elif mode == "P+transparency":
+        image = gray.convert("P")
+        image.info["transparency"] = 0
+    else:
+        image = gray.convert(mode)  # "1" dithers; the others hold the ramp exactly (YCbCr, LAB: in their terms)
+    path = folder / f"ramp-{mode.replace(';', '')}-{size}.{fmt.lower()}"
+    image.save(path, format=fmt)
+    return str(path)
+
+
+@pytest.fixture
+def received(files, pipe, monkeypatch):
+    """main() with the module's pipeline (no reload) -> the image (and mask) that Amused.img2img / inpaint got."""
+    seen = {}
+    monkeypatch.setattr(Amused, "from_pretrained", lambda *args, **kwargs: pipe)
+    img2img, inpaint = Amused.img2img, Amused.inpaint
+
+    def spy_img2img(self, prompt, image, *args, **kwargs):
+        seen["image"] = image
+        return img2img(self, prompt, image, *args, **kwargs)
+
+    def spy_inpaint(self, prompt, image, mask, *args, **kwargs):
+        seen["image"], seen["mask"] = image, mask
+        return inpaint(self, prompt, image, mask, *args, **kwargs)
+
+    monkeypatch.setattr(Amused, "img2img", spy_img2img)
+    monkeypatch.setattr(Amused, "inpaint", spy_inpaint)
+
+    def run(init, mask=None):
+        seen.clear()
+        sample.main(PROMPT, checkpoint=files["hub"], steps="2", init_image=init, mask=mask,
+                    out=str(files["root"] / "modes.png"))
+        return seen
+    return run
+
+
+def as_array(image, mode="RGB"):
+    """What the pipeline's preprocessing reads from a PIL image, as ints."""
+    image = amused.pil_to_rgb(image)
+    return np.asarray(image if mode == "RGB" else image.convert(mode), dtype=int)
+
+
+MODES = [  # mode, file format, largest difference to the ramp (of 255) that is still reading it right
+    ("L", "PNG", 0), ("P", "PNG", 0), ("RGB", "PNG", 0), ("RGB", "JPEG", 2), ("CMYK", "TIFF", 0), ("CMYK", "JPEG", 2),
+    ("YCbCr", "TIFF", 0), ("LAB", "TIFF", 1), ("I;16", "PNG", 0), ("I;16", "TIFF", 0), ("F", "TIFF", 0),
+]
+ALPHA_MODES = [("RGBA", "PNG"), ("LA", "PNG"), ("PA", "TIFF"), ("P+transparency", "PNG")]
+
+
+@pytest.mark.parametrize("mode, fmt, tolerance", MODES)
+def test_init_image_modes_read_right(received, tmp_path, mode, fmt, tolerance):
+    path = ramp_file(tmp_path, mode, fmt)
+    with Image.open(path) as f:
+        assert f.mode == mode, f"Pillow opened the {mode} {fmt} file as {f.mode}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no transparency to drop, nothing resized
+        got = as_array(received(path)["image"])
+    diff = np.abs(got - RAMP[..., None]).max()
+    assert diff <= tolerance, f"{mode} {fmt}: the pipeline got values up to {diff}/255 away from the image's"
+    if mode == "I;16":
+        assert got.mean() < 160, "16-bit gray clipped to white"
+
+
+@pytest.mark.parametrize("mode, fmt", ALPHA_MODES)
+def test_init_image_alpha_dropped_with_a_warning(received, tmp_path, mode, fmt):
+    path = ramp_file(tmp_path, mode, fmt)
+    with Image.open(path) as f:
+        assert f.mode == mode.split("+")[0] and (mode != "P+transparency" or "transparency" in f.info)
+    with pytest.warns(UserWarning, match="transparency"):
+        got = as_array(received(path)["image"])
+    assert np.abs(got - RAMP[..., None]).max() == 0, f"{mode}: the colours under the alpha channel changed"
+
+
+def test_init_image_1_bit(received, tmp_path):
+    path = ramp_file(tmp_path, "1", "PNG")
+    with Image.open(path) as f:
+        bits = np.asarray(f, dtype=int) * 255  # 0 or 255, dithered from the ramp
+    assert np.array_equal(as_array(received(path)["image"]), np.repeat(bits[..., None], 3, axis=-1))
+
+
+def test_16_bit_init_image_of_another_size_is_fitted(received, tmp_path, capsys):
+    """40x40 16-bit gray: read as 8 bits, then scaled to the model's 32x32 like an 8-bit image of that size."""
+    path = ramp_file(tmp_path, "I;16", "PNG", size=40)
+    got = as_array(received(path)["image"], "L")
+    assert "scaled to 32x32 and centre-cropped to 32x32" in capsys.readouterr().out
+    with Image.open(path) as f:
+        eight_bit = Image.fromarray((np.asarray(f, dtype=float) / 257).round().astype("uint8"))
+    expected = np.asarray(eight_bit.resize((32, 32), resample=Image.LANCZOS), dtype=int)
+    assert np.abs(got - expected).max() <= 1 and np.abs(got - RAMP).max() <= 8  # Lanczos of a bicubic resize
+
+
+def test_16_bit_mask(received, files, tmp_path):
+    mask = square_mask(32, 32, 8, 12, 16)
+    path = tmp_path / "mask16.png"
+    Image.fromarray(mask.astype("uint16") * 257).save(path)
+    with Image.open(path) as f:
+        assert f.mode == "I;16"
+    seen = received(files["init"], str(path))
+    assert np.array_equal(as_array(seen["mask"], "L"), mask), "the 16-bit mask is not the 8-bit one"
+
+
+@pytest.mark.parametrize("mode, scale, message", [
+    ("I", None, "32-bit integer pixels (Pillow mode I), whose range is unknown"),
+    ("F", 1.0, "the image's F pixels lie in [0, 255], outside [0, 1]"),
+    ("F", -1 / 255, "outside [0, 1]"),
+])
+def test_init_image_of_unknown_range_refused(tmp_path, mode, scale, message):
+    path = ramp_file(tmp_path, mode, "TIFF", scale=scale)
+    with pytest.raises(sample.UsageError) as e:
+        sample.main(PROMPT, checkpoint="/no/such/checkpoint", init_image=path)
+    assert str(e.value).startswith(f"--init-image {path}: ") and message in str(e.value), str(e.value)

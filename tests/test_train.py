@@ -7,10 +7,13 @@
   micro-conditioning of non-square images;
 - safety: --resume is bit-exact on the CPU; Ctrl-C saves; two gloo processes give the single-process update;
 - LoRA: only adapters train, merging agrees, the file reloads into the pipeline (ours and diffusers' key format);
+- from scratch (--init-transformer): the new U-ViT is initialised as diffusers' UVit2DModel, trains, saves its config,
+  and a config that does not fit, bad JSON, an unknown field or preset, or a changed config on --resume is refused;
 - prompt dropout has probability p; gradient checkpointing keeps the gradients and stores fewer activations;
-  --optimizer adamw8bit without bitsandbytes is a one-line error.
+  every NO_DECAY name is a U-ViT parameter; --optimizer adamw8bit without bitsandbytes is a one-line error.
 Not tested here: CUDA memory and speed (no GPU in CI), and 8-bit Adam itself (bitsandbytes needs CUDA).
 """
+import dataclasses
 import importlib.util
 import json
 import math
@@ -32,7 +35,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, TINY_UVIT, assert_close, perturb_, reference_pipeline, save_hub_checkpoint, smooth_images
 import train
 import uvit
-from amused import Amused
+from amused import Amused, training_mask_count
 from convert_weights import load_checkpoint
 
 MASK_ID = TINY_UVIT["vocab_size"] - 1
@@ -87,6 +90,16 @@ def read_log(files, out):
     return [json.loads(line) for line in (files["root"] / out / train.LOG_FILE).read_text().splitlines()]
 
 
+def logits_of(transformer, ids, hidden, pooled, micro):
+    """The U-ViT's logits, (B, K, h, w), for token ids and the text and micro-conditioning."""
+    return transformer(ids, transformer.encode_conditions(hidden, pooled, micro))
+
+
+def loss_of(transformer, ids, labels, hidden, pooled, micro, **kw):
+    """train.training_loss, its conditions encoded from the text and micro-conditioning."""
+    return train.training_loss(transformer, ids, labels, transformer.encode_conditions(hidden, pooled, micro), **kw)
+
+
 def transformer_of(path):
     """The U-ViT weights of a saved full model file."""
     return {k.removeprefix("transformer."): t for k, t in load_file(path).items() if k.startswith("transformer.")}
@@ -124,8 +137,8 @@ def test_masking_matches_reference_and_is_uniform():
     assert counts.min() >= 1 and counts.max() == L
     # The count is the schedule's: replaying t gives it, and the sampler's schedule function gives the ratio
     t = torch.rand(B, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(counts, train.num_masked(t, L, 0.3))
-    assert train.num_masked(torch.tensor([0.0, 0.5, 0.99999, 1.0]), L).tolist() == [64, 45, 1, 1]  # >= 1 at t = 1
+    assert torch.equal(counts, training_mask_count(t, L, 0.3))
+    assert training_mask_count(torch.tensor([0.0, 0.5, 0.99999, 1.0]), L).tolist() == [64, 45, 1, 1]  # >= 1 at t = 1
     # Uniform over positions: given n masked, each position has probability n / L
     p = counts[:, None].float() / L
     expected, std = p.sum(0), (p * (1 - p)).sum(0).sqrt()
@@ -150,7 +163,7 @@ def test_loss_equals_diffusers_uvit2d():
     hidden, pooled = torch.randn(B, 77, 32, generator=g), torch.randn(B, 24, generator=g)
     micro = torch.tensor([[256.0, 384.0, 12.0, 0.0, 6.0]]).repeat(B, 1)
 
-    loss = train.training_loss(ours, input_ids, labels, hidden, pooled, micro)
+    loss = loss_of(ours, input_ids, labels, hidden, pooled, micro)
     logits = ref(input_ids, encoder_hidden_states=hidden, micro_conds=micro, pooled_text_emb=pooled)  # (B, K, 8, 8)
     logits = logits.reshape(B, 64, -1).permute(0, 2, 1).reshape(-1, 64)
     ref_loss = F.cross_entropy(logits, labels.view(-1), ignore_index=-100)
@@ -166,9 +179,9 @@ def test_loss_equals_diffusers_uvit2d():
     # counting the unmasked positions too would be caught: 100x the tolerance (random weights: flat logits)
     assert abs(all_positions.item() - ref_loss.item()) > 1e-4 * ref_loss.item()
     n = (labels != -100).sum()
-    summed = train.training_loss(ours, input_ids, labels, hidden, pooled, micro, reduction="sum")
+    summed = loss_of(ours, input_ids, labels, hidden, pooled, micro, reduction="sum")
     assert abs(summed.item() / n.item() - loss.item()) < 1e-6 * loss.item()
-    smooth = train.training_loss(ours, input_ids, labels, hidden, pooled, micro, label_smoothing=0.1)
+    smooth = loss_of(ours, input_ids, labels, hidden, pooled, micro, label_smoothing=0.1)
     ref_smooth = F.cross_entropy(logits, labels.view(-1), ignore_index=-100, label_smoothing=0.1)
     assert abs(smooth.item() - ref_smooth.item()) < 1e-6 * ref_smooth.item()
 
@@ -185,7 +198,7 @@ def test_training_batch_loss_equals_reference_computation(files):
     pixels, micro, captions = zip(*(data.load(g) for g in numbers))
     # the counts the training loop normalises by, replayed without the images, are the batch's
     counts = (batch.labels != train.IGNORE).flatten(1).sum(1).tolist()
-    assert counts == [train.masked_count(0, g, L, 0.0, "cosine") for g in numbers]
+    assert counts == [train.example_mask_count(0, g, L, 0.0, "cosine") for g in numbers]
     with torch.no_grad():
         tokens = ref.vqvae.quantize(ref.vqvae.encode(torch.stack(pixels)).latents)[2][2].reshape(4, 8, 8)
         masked = batch.labels != train.IGNORE
@@ -199,7 +212,7 @@ def test_training_batch_loss_equals_reference_computation(files):
                                  pooled_text_emb=pooled)
         ref_loss = F.cross_entropy(logits.reshape(4, 64, -1).permute(0, 2, 1).reshape(-1, 64),
                                    batch.labels.view(-1), ignore_index=-100)
-        loss = train.training_loss(pipe.transformer, batch.input_ids, batch.labels, batch.text_hidden, batch.pooled,
+        loss = loss_of(pipe.transformer, batch.input_ids, batch.labels, batch.text_hidden, batch.pooled,
                                    batch.micro_conds)
     print(f"batch loss {loss.item():.6f}, reference {ref_loss.item():.6f}")
     assert abs(loss.item() - ref_loss.item()) < 1e-5 * ref_loss.item()  # text encoder and VQ in the chain too
@@ -379,9 +392,104 @@ def test_ctrl_c_under_torchrun_saves(files):
         proc.kill()
     assert "interrupted at step" in stdout, stdout + stderr[-2000:]
     state = torch.load(out / train.STATE_FILE, weights_only=True)
-    assert state["step"] >= 2 and state["run"]["world_size"] == 2
+    assert state["step"] >= 2 and state["resume_settings"]["world_size"] == 2
     with pytest.raises(train.UsageError, match="world_size was 2, now 1"):
         run(files, "ddp-interrupted", batch_size=1, max_steps=state["step"] + 1, resume=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A new U-ViT from scratch (--init-transformer)
+
+
+def small_uvit_config(**changes) -> uvit.UViTConfig:
+    """A U-ViT smaller than the tiny checkpoint's (no down/upsampling, one layer), fitting its VQ and text encoder."""
+    small = dict(hidden_size=48, block_out_channels=16, num_res_blocks=1, downsample=False, upsample=False,
+                 num_hidden_layers=1, intermediate_size=64)
+    return dataclasses.replace(uvit.config_from_hub(TINY_UVIT), **{**small, **changes})
+
+
+def write_config(path, cfg: uvit.UViTConfig) -> str:
+    path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    return str(path)
+
+
+def test_new_uvit_is_initialised_as_diffusers(files):
+    """The new U-ViT has exactly the weights of diffusers' UVit2DModel(**config) after torch.manual_seed(seed)."""
+    from diffusers import UVit2DModel
+
+    cfg = small_uvit_config()
+    ckpt = train.with_new_transformer(load_checkpoint(files["hub"]), cfg, seed=3, source="test")
+    torch.manual_seed(3)
+    ref = UVit2DModel(**dataclasses.asdict(cfg)).state_dict()
+    ours = ckpt.transformer.state_dict()
+    assert ckpt.transformer.cfg == cfg and set(ours) == set(ref)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    other = train.with_new_transformer(load_checkpoint(files["hub"]), cfg, seed=4, source="test").transformer
+    assert not torch.equal(other.state_dict()["embed.embeddings.weight"], ours["embed.embeddings.weight"])
+
+
+def test_init_transformer_trains_from_scratch(files):
+    """100 steps of a new, smaller U-ViT on the two 32x32 images (about 3.5 s). A new model's first loss is about
+    ln 64 = 4.16 (we measure 4.28; bound 0.3 off); then it falls: we measure the mean of the first 5 steps 3.56, of
+    the last 5 1.48; the bound: the last below 60% of the first. The saved file loads with the new config and the
+    checkpoint's frozen VQ and text encoder; --resume refuses another config."""
+    cfg = small_uvit_config()
+    spec = write_config(files["root"] / "small-uvit.json", cfg)
+    assert run(files, "scratch", data=files["square"], init_transformer=spec, max_steps=100, lr=5e-3) == 100
+    losses = [e["loss"] for e in read_log(files, "scratch")]
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    print(f"from scratch: first loss {losses[0]:.3f} (ln 64 = {math.log(64):.3f}); mean of the first 5 steps "
+          f"{first:.3f}, of the last 5 {last:.3f}")
+    assert abs(losses[0] - math.log(64)) < 0.3 and last < 0.6 * first
+    pipe = Amused.from_pretrained(files["root"] / "scratch" / train.MODEL_FILE)
+    assert pipe.transformer.cfg == cfg and pipe.resolution == 32
+    base = load_checkpoint(files["hub"])
+    for name in ("text_encoder", "vqvae"):  # frozen, and the checkpoint's
+        for k, t in getattr(base, name).state_dict().items():
+            assert torch.equal(getattr(pipe, name).state_dict()[k], t), f"{name}.{k} changed"
+    assert pipe("a cat", generator=seeded(0), output_type="tokens").shape == (1, 8, 8)
+
+    bigger = write_config(files["root"] / "bigger-uvit.json", small_uvit_config(hidden_size=64))
+    with pytest.raises(train.UsageError, match="init_transformer.hidden_size was 48, now 64"):
+        run(files, "scratch", data=files["square"], init_transformer=bigger, max_steps=101, resume=True)
+    with pytest.raises(train.UsageError, match="init_transformer was {'hidden_size': 48, .*}, now None"):
+        run(files, "scratch", data=files["square"], max_steps=101, resume=True)
+    assert run(files, "scratch", data=files["square"], init_transformer=spec, max_steps=101, resume=True) == 101
+
+
+def test_init_transformer_errors(files, tmp_path):
+    """A config that does not fit the checkpoint, bad JSON, an unknown field or preset, or --lora: one clear line."""
+    misfit = write_config(tmp_path / "misfit.json", small_uvit_config(encoder_hidden_size=16))
+    with pytest.raises(train.CheckpointError, match="misfit.json with --checkpoint .*: the components do not fit "
+                                                    "together: text encoder width 32 != transformer "
+                                                    "encoder_hidden_size 16"):
+        run(files, "misfit", init_transformer=misfit)
+    with pytest.raises(train.CheckpointError, match="VQ codebook 64 != transformer codebook_size 32"):
+        run(files, "misfit", init_transformer=write_config(tmp_path / "codebook.json",
+                                                            small_uvit_config(codebook_size=32, vocab_size=40)))
+    (tmp_path / "bad.json").write_text('{"hidden_size": 48,')
+    (tmp_path / "unknown.json").write_text(json.dumps({**dataclasses.asdict(small_uvit_config()), "hidden": 4}))
+    (tmp_path / "missing.json").write_text(json.dumps({"hidden_size": 48}))
+    (tmp_path / "odd.json").write_text(json.dumps({**dataclasses.asdict(small_uvit_config()),
+                                                   "num_attention_heads": 5}))
+    for name, message in [("bad.json", "bad.json: Expecting"),
+                          ("unknown.json", "unknown UVit2DModel config key 'hidden'"),
+                          ("missing.json", "config is missing \\['block_num_heads'"),
+                          ("odd.json", "num_attention_heads = 5 must divide hidden_size"),
+                          ("amused-1024", "amused-1024: neither a preset \\(amused-256, amused-512\\) nor a JSON "
+                                          "file")]:
+        spec = name if name.startswith("amused") else str(tmp_path / name)
+        with pytest.raises(train.UsageError, match=f"--init-transformer .*{message}"):
+            train.transformer_config(spec)
+    assert train.transformer_config("amused-512") == uvit.PRESETS["amused-512"]
+    with pytest.raises(train.UsageError, match="--init-transformer trains a new U-ViT.*--lora"):
+        run(files, "lora-scratch", init_transformer="amused-256", lora=True)
+    # the command line: one line on stderr, exit code 2
+    r = subprocess.run([sys.executable, "train.py", "--checkpoint", files["hub"], "--data", files["data"], "--out",
+                        str(tmp_path / "o"), "--init-transformer", misfit, "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ONE_THREAD}, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: --init-transformer ") and "encoder_hidden_size 16" in r.stderr
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -462,7 +570,7 @@ def test_lora_trains_only_adapters_and_merges(files):
     empty = pipe.encode_prompt([""])
     b = train.make_batch(pipe, data, [0, 1], empty, 0.0, 0.0, "cosine")
     with torch.no_grad():
-        base_logits = pipe.transformer(b.input_ids, b.text_hidden, b.pooled, b.micro_conds)
+        base_logits = logits_of(pipe.transformer, b.input_ids, b.text_hidden, b.pooled, b.micro_conds)
     torch.manual_seed(0)
     pipe.transformer.requires_grad_(True)  # whatever the loader left: LoRA mode must freeze the base model itself
     params = train.trainable_parameters(pipe.transformer, True, rank=4, alpha=8.0, targets=["to_q", "to_k", "to_v"])
@@ -473,7 +581,7 @@ def test_lora_trains_only_adapters_and_merges(files):
     opt = train.make_optimizer(params, "adamw", 1e-2, 0.01)
     for step in range(3):
         s = train.make_batch(pipe, data, [2 * step, 2 * step + 1], empty, 0.0, 0.0, "cosine")
-        train.training_loss(pipe.transformer, s.input_ids, s.labels, s.text_hidden, s.pooled, s.micro_conds).backward()
+        loss_of(pipe.transformer, s.input_ids, s.labels, s.text_hidden, s.pooled, s.micro_conds).backward()
         opt.step()
         opt.zero_grad()
     after = pipe.transformer.state_dict()
@@ -482,11 +590,11 @@ def test_lora_trains_only_adapters_and_merges(files):
         assert torch.equal(after[key], t), f"{k} changed"
     assert all(after[f"{n}.lora_B.weight"].abs().max() > 0 for n in names), "every adapter trained"
 
-    unmerged = train.training_loss(pipe.transformer, b.input_ids, b.labels, b.text_hidden, b.pooled, b.micro_conds)
+    unmerged = loss_of(pipe.transformer, b.input_ids, b.labels, b.text_hidden, b.pooled, b.micro_conds)
     with torch.no_grad():
-        logits = pipe.transformer(b.input_ids, b.text_hidden, b.pooled, b.micro_conds)
+        logits = logits_of(pipe.transformer, b.input_ids, b.text_hidden, b.pooled, b.micro_conds)
         train.merge_lora(pipe.transformer)
-        merged_logits = pipe.transformer(b.input_ids, b.text_hidden, b.pooled, b.micro_conds)
+        merged_logits = logits_of(pipe.transformer, b.input_ids, b.text_hidden, b.pooled, b.micro_conds)
     assert set(pipe.transformer.state_dict()) == set(before), "merged: the original module tree"
     # fp32: (W + s B A) x vs W x + s B (A x), a different summation order: we measure ~1e-6 on logits of size ~5
     assert_close("merged vs unmerged LoRA logits", merged_logits, logits, atol=1e-5)
@@ -536,8 +644,8 @@ def test_lora_file_reloads_into_pipeline(files):
     hidden, pooled = pipe.encode_prompt(["a cat", "a dog"])
     micro = torch.tensor([[32.0, 32.0, 0.0, 0.0, 6.0]] * 2)
     with torch.no_grad():
-        assert_close("pipeline + load_lora vs LoRA modules", pipe.transformer(ids, hidden, pooled, micro),
-                     side.transformer(ids, hidden, pooled, micro), atol=1e-5)
+        assert_close("pipeline + load_lora vs LoRA modules", logits_of(pipe.transformer, ids, hidden, pooled, micro),
+                     logits_of(side.transformer, ids, hidden, pooled, micro), atol=1e-5)
 
 
 def test_diffusers_lora_file_loads(files, tmp_path):
@@ -607,8 +715,8 @@ def test_gradient_checkpointing_same_gradients_fewer_activations(files):
         model = Amused.from_pretrained(files["hub"]).transformer.train().requires_grad_(True)
         if checkpointing:
             train.enable_gradient_checkpointing(model)
-        loss, nbytes = saved_bytes(lambda: train.training_loss(model, b.input_ids, b.labels, b.text_hidden, b.pooled,
-                                                               b.micro_conds))
+        loss, nbytes = saved_bytes(lambda: loss_of(model, b.input_ids, b.labels, b.text_hidden, b.pooled,
+                                                   b.micro_conds))
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
         stored.append(nbytes)
@@ -617,6 +725,21 @@ def test_gradient_checkpointing_same_gradients_fewer_activations(files):
     for n, g0 in grads[0].items():
         assert torch.equal(grads[1][n], g0), f"{n}: gradients differ with checkpointing"
     assert stored[1] < 0.5 * stored[0]
+
+
+def test_no_decay_names_uvit_parameters(files):
+    """Each NO_DECAY entry is a parameter of the U-ViT, of both released configs and the tiny one, and those are the
+    parameters the optimizer's no-decay group holds."""
+    for cfg in [*uvit.PRESETS.values(), uvit.config_from_hub(TINY_UVIT)]:
+        with torch.device("meta"):
+            names = {n for n, _ in uvit.UViT(cfg).named_parameters()}
+        assert set(train.NO_DECAY) <= names, sorted(set(train.NO_DECAY) - names)
+    transformer = Amused.from_pretrained(files["hub"]).transformer
+    params = dict(transformer.named_parameters())
+    decay, no_decay = train.make_optimizer(params, "adamw", 1e-3, 0.01).param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.0)
+    assert {id(p) for p in no_decay["params"]} == {id(params[n]) for n in train.NO_DECAY}
+    assert len(decay["params"]) == len(params) - len(train.NO_DECAY)
 
 
 def test_adamw8bit_without_bitsandbytes_is_a_clear_error(files, tmp_path):

@@ -28,6 +28,11 @@ TOL = {"fp32": 1e-4, "same-dtype": 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e
 MICRO = [[256, 256, 0, 0, 6], [512, 384, 16, 32, 5.5], [1024, 768, 100, 3, 4.25]]  # one row per sample
 
 
+def direct(ours, ids, text_hidden, pooled, micro_conds):
+    """Our logits with UVit2DModel's signature: the conditions computed for this call alone."""
+    return ours(ids, ours.encode_conditions(text_hidden, pooled, micro_conds))
+
+
 def make_ids(cfg, kinds, seed):
     """One token grid per kind: "masked" (all mask id), "partly" (about half masked), "unmasked" (codebook ids)."""
     g = torch.Generator().manual_seed(seed)
@@ -132,7 +137,7 @@ def test_logit_parity_tiny(tiny):
     ids = make_ids(ours.cfg, ["masked", "partly", "unmasked"], seed=2)
     conds = make_conditions(ours.cfg, 3, seed=3)
     want = ref(ids, *conds)
-    got = ours(ids, *conds)
+    got = direct(ours, ids, *conds)
     assert got.shape == (3, ours.cfg.codebook_size, ours.cfg.sample_size, ours.cfg.sample_size)
     for i, kind in enumerate(["masked", "partly", "unmasked"]):
         assert_close(f"tiny fp32 {kind}", got[i], want[i], atol=TOL["fp32"] * logit_scale(want))
@@ -148,8 +153,7 @@ def test_cached_conditions_tiny(tiny):
     conds = ours.encode_conditions(text, pooled, micro)
     for seed, kinds in [(5, ["masked", "partly"]), (6, ["partly", "unmasked"])]:
         ids = make_ids(cfg, kinds, seed)
-        assert_close(f"cached vs direct {kinds}", ours.forward_with_conditions(ids, conds),
-                     ours(ids, text, pooled, micro), atol=0.0)
+        assert_close(f"cached vs direct {kinds}", ours(ids, conds), direct(ours, ids, text, pooled, micro), atol=0.0)
 
     # the prompt-only intermediates, computed the reference's way
     ref_text = ref.encoder_proj_layer_norm(ref.encoder_proj(text))
@@ -179,12 +183,12 @@ def test_cfg_batch_tiny(tiny):
     text, pooled, micro = make_conditions(ours.cfg, 2, seed=8)
     text[0], pooled[0] = 0.0, 0.0  # an "empty prompt" row
     micro[0] = micro[1]  # CFG repeats the micro-conditions
-    got = ours(ids, text, pooled, micro)
+    got = direct(ours, ids, text, pooled, micro)
     want = ref(ids, text, pooled, micro)
     s = logit_scale(want)
     assert_close("tiny CFG batch", got, want, atol=TOL["fp32"] * s)
     for i in range(2):
-        alone = ours(ids[i:i + 1], text[i:i + 1], pooled[i:i + 1], micro[i:i + 1])
+        alone = direct(ours, ids[i:i + 1], text[i:i + 1], pooled[i:i + 1], micro[i:i + 1])
         assert_close(f"tiny CFG row {i} alone", alone[0], got[i], atol=1e-5 * s)  # batch-size kernels may differ
     assert (got[0] - got[1]).abs().max() > 1e-3 * s, "the two conditions gave the same logits"
 
@@ -204,7 +208,7 @@ def test_half_precision_tiny(tiny, dtype):
     ids = make_ids(ours.cfg, ["masked", "partly", "unmasked"], seed=9)
     conds = make_conditions(ours.cfg, 3, seed=10)
     want32 = ref32(ids, *conds)
-    got = ours(ids, *(c.to(dtype) for c in conds))
+    got = direct(ours, ids, *(c.to(dtype) for c in conds))
     want = ref(ids, *(c.to(dtype) for c in conds))
     assert got.dtype == dtype
     s = logit_scale(want32)
@@ -256,11 +260,15 @@ def test_bad_inputs(tiny, case, match):
     elif case == "micro_conds batch":
         micro = micro[:1]
     if case == "conditions batch":
+        ids = ids[:1]
+    with pytest.raises(ValueError, match=match):
+        if case in ("id too large", "negative id"):  # values: only check_ids reads them (a host sync)
+            ours.check_ids(ids, batch_size=2)
+        else:  # shapes: checked by forward itself, and by check_ids
+            direct(ours, ids, text, pooled, micro)
+    if case in ("wrong grid", "flat ids", "float ids", "conditions batch"):
         with pytest.raises(ValueError, match=match):
-            ours.forward_with_conditions(ids[:1], ours.encode_conditions(text, pooled, micro))
-    else:
-        with pytest.raises(ValueError, match=match):
-            ours(ids, text, pooled, micro)
+            ours.check_ids(ids, batch_size=2)
 
 
 def test_bad_grid_names_preset():
@@ -269,7 +277,7 @@ def test_bad_grid_names_preset():
         text, pooled, micro = torch.zeros(1, 77, 768), torch.zeros(1, 768), torch.zeros(1, 5)
         ids = torch.zeros(1, 16, 16, dtype=torch.long)
     with pytest.raises(ValueError, match="amused-512 expects a 32x32 token grid"):
-        ours(ids, text, pooled, micro)
+        direct(ours, ids, text, pooled, micro)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,13 +317,13 @@ def test_logit_parity_full(full_weights, preset):
     text, pooled, micro = make_conditions(cfg, 3, seed=13)
     want = ref(ids, text, pooled, micro)
     del ref
-    got = ours.forward_with_conditions(ids, ours.encode_conditions(text, pooled, micro))
+    got = direct(ours, ids, text, pooled, micro)
     s = logit_scale(want)
     for i, kind in enumerate(kinds):
         assert_close(f"{preset} fp32 {kind}", got[i], want[i], atol=TOL["fp32"] * s)
 
     ours.to(torch.bfloat16)  # new bf16 tensors; the fixture's fp32 weights are untouched
-    got = ours(ids, *(c.to(torch.bfloat16) for c in (text, pooled, micro)))
+    got = direct(ours, ids, *(c.to(torch.bfloat16) for c in (text, pooled, micro)))
     assert got.dtype == torch.bfloat16
     assert_close(f"{preset} bf16 vs fp32 reference", got.float(), want, atol=TOL[torch.bfloat16] * s)
     del ours, got

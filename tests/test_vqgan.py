@@ -118,7 +118,7 @@ def check_parity(ref, ours, images, ids):
 
     assert_close("decode pixels", ours.decode_ids(ids), reference_decode(ref, ids), atol=DECODE_ATOL)
     with torch.no_grad():  # before the clamp too: random weights saturate many pixels
-        raw = ours.decode(ours.quantize.get_codebook_entry(ids))
+        raw = ours.decoder(ours.post_quant_conv(ours.quantize.get_codebook_entry(ids)))
         B, h, w = ids.shape
         want = ref.decode(ids, force_not_quantize=True, shape=(B, h, w, ref.config.latent_channels)).sample
     assert_close("decode, unclamped", raw, want, atol=DECODE_ATOL)
@@ -161,7 +161,7 @@ def test_config_from_hub_rejects_unsupported(tiny):
     ref, _ = tiny
     d = dict(ref.config)
     cfg = vqgan.config_from_hub(d)
-    assert cfg.block_out_channels == (16, 32, 32) and cfg.downsample_factor == 4 and cfg.vq_embed_dim == 8
+    assert cfg.block_out_channels == (16, 32, 32) and cfg.downsample_factor == 4 and cfg.latent_channels == 8
     bad = {
         "act_fn": "gelu",
         "norm_type": "spatial",
@@ -221,12 +221,12 @@ def test_half_precision(tiny):
     assert_close("fp16 + force_upcast vs reference pipeline", got, reference_decode(pipe, ids), atol=UPCAST_ATOL)
     assert_close("fp16 + force_upcast vs fp32", got, fp32, atol=UPCAST_VS_FP32_ATOL)
     # encoding upcasts too (pipeline_amused_img2img.py), fp16 images included: they go to fp32, not the reverse
-    with torch.no_grad():
-        assert torch.equal(up.encode(images), pipe.encode(images).latents)
-        assert torch.equal(up.encode(images.half()), pipe.encode(images.half().float()).latents)
-    want_ids, latents = reference_ids(pipe, images)
-    check_ids("fp16 + force_upcast encode ids", up.encode_to_ids(images), want_ids, latents,
-              pipe.quantize.embedding.weight)
+    for name, x in (("fp32", images), ("fp16", images.half())):
+        want_ids, latents = reference_ids(pipe, x.float())
+        got_ids = up.encode_to_ids(x)
+        check_ids(f"fp16 + force_upcast encode ids of {name} images", got_ids, want_ids, latents,
+                  pipe.quantize.embedding.weight)
+        assert torch.equal(got_ids, want_ids)  # the same fp32 latents, the same cdist: no tie can differ
 
     # fp16 compute, force_upcast off: finite and close (random weights do not overflow; the real ones may)
     native = vqgan.VQModel(dataclasses.replace(ours.cfg, force_upcast=False)).half()
@@ -265,7 +265,7 @@ def test_full_config_matches_preset(full):
     assert len(sd_ours) == len(sd_ref) == 277
     assert sum(t.numel() for t in sd_ours.values()) == 146_244_675
     assert {k: tuple(t.shape) for k, t in sd_ours.items()} == {k: tuple(t.shape) for k, t in sd_ref.items()}
-    assert ours.cfg.downsample_factor == 16 and ours.cfg.vq_embed_dim == 64
+    assert ours.cfg.downsample_factor == 16 and ours.cfg.latent_channels == 64
 
 
 def test_full_config_parity(full):

@@ -1,0 +1,84 @@
+"""cli.py: what the command-line scripts (sample.py, train.py, convert_weights.py) share.
+
+One-line errors with exit code 2 and Ctrl-C without a traceback (`run`), the help layout, the --device rule, the
+dtype names, atomic file writes and image grids. Nothing here knows about the model.
+"""
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype names
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # 130 = 128 + SIGINT, what shells report for a Ctrl-C
+
+
+class UsageError(ValueError):
+    """A flag value or an input we reject before doing any work."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring's layout kept, and every flag's default shown (they are the real ones)."""
+
+
+def run(main, args: argparse.Namespace, errors: tuple[type[Exception], ...]):
+    """main(**vars(args)), with the errors a user can fix (`errors`) as one line `error: ...` on stderr and exit
+    code 2, and Ctrl-C as one line and exit code 130, neither with a traceback. Returns what main returns."""
+    # warnings (e.g. an image resized to a multiple of the token size) as one plain line each
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
+    try:
+        return main(**vars(args))
+    except errors as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def resolve_device(name: str) -> str:
+    """auto -> cuda, else mps, else cpu; an explicit device that is not there is an error, not a fallback."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if name == "cuda" and not cuda:
+        raise UsageError("--device cuda: CUDA is not available here (no GPU, or torch built without CUDA); "
+                         "use --device cpu or auto")
+    if name == "mps" and not mps:
+        raise UsageError("--device mps: MPS (Apple GPU) is not available here; use --device cpu or auto")
+    return name
+
+
+def atomic_write(path, write) -> None:
+    """write(tmp) to a temporary file beside `path`, then rename it to `path`, so that an interruption never leaves
+    a half-written `path`. The file gets the permissions the umask gives new files (safetensors creates its files
+    0600)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def image_grid(images: list[Image.Image], cols: int, labels: list[str] | None = None) -> Image.Image:
+    """Images of one size, row by row, `cols` to a row, on white; `labels`, if given, written above the columns."""
+    W, H = images[0].size
+    rows = -(-len(images) // cols)  # ceil
+    label_h = 0 if labels is None else max(12, H // 10)
+    font = ImageFont.load_default(size=label_h * 0.8) if labels else None
+    grid = Image.new("RGB", (W * cols, label_h + H * rows), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, label in enumerate(labels or []):
+        text = label if draw.textlength(label, font=font) <= W else label.split()[0]  # "12 steps", or "12"
+        draw.text((j * W + W / 2, label_h / 2), text, fill="black", font=font, anchor="mm")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * W, label_h + (i // cols) * H))
+    return grid
