@@ -70,6 +70,7 @@ import gc
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import resource
 import signal
@@ -97,6 +98,7 @@ from convert_weights import (COMPONENTS, Checkpoint, CheckpointError, check_comp
                              save_single_file, single_file_metadata)
 
 MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+LR_SCHEDULES = ("constant", "cosine")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 AESTHETIC_SCORE = 6.0  # micro-conditioning of every training image, as in the reference (and the sampler's default)
 IGNORE = -100  # label of the positions that do not count in the loss (F.cross_entropy's ignore_index)
@@ -484,9 +486,15 @@ def peak_memory(device: torch.device) -> str:
 # The optimizer and the moving average
 
 
-def lr_at(step: int, lr: float, warmup_steps: int) -> float:
-    """Constant learning rate after a linear warm-up: step 0 (the first) gets lr / warmup_steps, not 0."""
-    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else lr
+def lr_at(step: int, lr: float, warmup_steps: int, schedule: str = "constant", max_steps: int = 0) -> float:
+    """The learning rate of optimizer step `step` (0-based): a linear warm-up over warmup_steps (step 0 gets
+    lr / warmup_steps, not 0), then constant, or, for "cosine", half a cosine from lr down to 0 at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
 
 
 def autocast_context(mixed_precision: str, device: torch.device):
@@ -795,7 +803,8 @@ def all_reduce_loss_and_stop(loss_sum: torch.Tensor, stop_requests: int, world: 
 
 def check_settings(*, lora: bool, lora_rank: int, init_transformer: str | None, lr: float, weight_decay: float,
                    optimizer: str, max_grad_norm: float | None, batch_size: int, grad_accum: int, max_steps: int,
-                   warmup_steps: int, label_smoothing: float, prompt_dropout: float, min_masking_rate: float,
+                   warmup_steps: int, lr_schedule: str, label_smoothing: float, prompt_dropout: float,
+                   min_masking_rate: float,
                    mixed_precision: str, ema_decay: float, save_every: int, validate_every: int, log_every: int,
                    seed: int, state_path: Path, resume: bool) -> None:
     """UsageError for settings we cannot train with: checked before anything slow."""
@@ -814,6 +823,7 @@ def check_settings(*, lora: bool, lora_rank: int, init_transformer: str | None, 
         (max_grad_norm is None or max_grad_norm > 0, f"--max-grad-norm must be > 0, got {max_grad_norm}"),
         (0 <= seed < 2**30, f"--seed must be in [0, 2**30), got {seed}"),
         (mixed_precision in MIXED_PRECISION, f"--mixed-precision must be one of {list(MIXED_PRECISION)}"),
+        (lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}"),
         (optimizer in ("adamw", "adamw8bit"), f"--optimizer must be adamw or adamw8bit, got {optimizer!r}"),
         (not resume or state_path.is_file(), f"--resume: there is no {state_path} to continue from"),
         (resume or not state_path.exists(), f"{state_path} exists: pass --resume to continue that run, or choose "
@@ -829,7 +839,8 @@ def check_settings(*, lora: bool, lora_rank: int, init_transformer: str | None, 
 
 def main(checkpoint: str, data: str, out: str, prompt: str | None = None, variant: str | None = None,
          init_transformer: str | None = None, lora: bool = False, lora_rank: int = 16, lora_alpha: float = 32.0,
-         lora_targets: str = "to_q,to_k,to_v", lr: float = 1e-4, warmup_steps: int = 0, weight_decay: float = 0.01,
+         lora_targets: str = "to_q,to_k,to_v", lr: float = 1e-4, warmup_steps: int = 0, lr_schedule: str = "constant",
+         weight_decay: float = 0.01,
          optimizer: str = "adamw", max_grad_norm: float | None = None, batch_size: int = 8, grad_accum: int = 1,
          max_steps: int = 1000, label_smoothing: float = 0.0, prompt_dropout: float = 0.0,
          min_masking_rate: float = 0.0, mixed_precision: str = "no", gradient_checkpointing: bool = False,
@@ -841,7 +852,8 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
     out_dir = Path(out)
     check_settings(lora=lora, lora_rank=lora_rank, init_transformer=init_transformer, lr=lr, weight_decay=weight_decay,
                    optimizer=optimizer, max_grad_norm=max_grad_norm, batch_size=batch_size, grad_accum=grad_accum,
-                   max_steps=max_steps, warmup_steps=warmup_steps, label_smoothing=label_smoothing,
+                   max_steps=max_steps, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
+                   label_smoothing=label_smoothing,
                    prompt_dropout=prompt_dropout, min_masking_rate=min_masking_rate, mixed_precision=mixed_precision,
                    ema_decay=ema_decay, save_every=save_every, validate_every=validate_every, log_every=log_every,
                    seed=seed, state_path=out_dir / STATE_FILE, resume=resume)
@@ -877,7 +889,7 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
         log_settings(dict(mode=mode, trainable=f"{sum(p.numel() for p in params.values()):,} parameters",
                           data=f"{len(data_set)} images", device=dev, processes=world,
                           batch=f"{batch_size} x {world} processes x {grad_accum} accumulation = {G}",
-                          lr=f"{lr:g} (warm-up {warmup_steps} steps)", optimizer=optimizer,
+                          lr=f"{lr:g} (warm-up {warmup_steps} steps, then {lr_schedule})", optimizer=optimizer,
                           mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
                           ema=f"{ema_decay:g}" if ema else "off", prompt_dropout=prompt_dropout,
                           label_smoothing=label_smoothing, max_steps=max_steps, seed=seed, out=out_dir,
@@ -894,7 +906,7 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
                                for g in global_batch)  # of the global batch: what the loss is divided by
                 loss_sum = accumulate_gradients(model, pipe, data_set, empty, micro_batches, n_masked, prompt_dropout,
                                                 min_masking_rate, label_smoothing, state.scaler, autocast, world)
-                lr_now = lr_at(step, lr, warmup_steps)
+                lr_now = lr_at(step, lr, warmup_steps, lr_schedule, max_steps)
                 optimizer_step(state, lr_now, step, max_grad_norm, ema_decay)
                 step += 1
                 loss_sum, stopping = all_reduce_loss_and_stop(loss_sum, len(stop), world)
@@ -948,7 +960,10 @@ if __name__ == "__main__":
     g.add_argument("--lr", type=float, default=1e-4,
                    help="learning rate; the reference recipes: full 1e-4 (amused-256) or 8e-5 (512), LoRA 8e-4 "
                         "(256) or 1e-4 (512), single-image style 4e-4")
-    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then constant")
+    g.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then --lr-schedule")
+    g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="after the warm-up: constant (the reference's default), or cosine, half a cosine down to 0 at "
+                        "--max-steps (a resume with another --max-steps bends the curve from there)")
     g.add_argument("--weight-decay", type=float, default=0.01,
                    help="AdamW's; not on the token embeddings and three RMSNorm weights, as the reference (NO_DECAY)")
     g.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",

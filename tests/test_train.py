@@ -755,6 +755,25 @@ def test_adamw8bit_without_bitsandbytes_is_a_clear_error(files, tmp_path):
     assert r.stderr.startswith("error: --optimizer adamw8bit needs bitsandbytes") and r.stderr.count("\n") == 1
 
 
+def test_cosine_schedule_matches_diffusers_after_the_warm_up():
+    """diffusers' get_cosine_schedule_with_warmup (the reference's --lr_scheduler cosine) after the warm-up; during it
+    ours starts at lr / warmup_steps rather than 0 (the constant schedule's rule, test below)."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    warmup, total, lr = 10, 50, 3e-3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=total)
+    want = []
+    for _ in range(total):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = [train.lr_at(s, lr, warmup, "cosine", total) for s in range(total)]
+    assert ours[warmup:] == pytest.approx(want[warmup:], rel=1e-12, abs=1e-15)
+    assert ours[:warmup] == pytest.approx([lr * (s + 1) / warmup for s in range(warmup)])
+    assert want[warmup + 1] < want[warmup] and want[-1] < 0.01 * lr  # it decays, and nearly to 0
+
+
 def test_lr_warmup_and_ema_match_reference():
     assert [train.lr_at(s, 1e-3, 4) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     assert train.lr_at(0, 1e-3, 0) == 1e-3
