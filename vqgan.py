@@ -120,7 +120,8 @@ class ResnetBlock2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """Halve H and W with a stride-2 conv 3x3."""
+    """Halve H and W with a stride-2 conv 3x3. (uvit.py's Downsample2D and Upsample2D, named after the same diffusers
+    modules, are other layers: an RMSNorm and a 2x2 conv.)"""
 
     def __init__(self, channels: int):
         super().__init__()

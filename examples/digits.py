@@ -109,6 +109,12 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def finished(times: dict, stage: str, t0: float) -> None:
+    """Record and print how long `stage`, begun at perf_counter() t0, took."""
+    times[stage] = time.perf_counter() - t0
+    log(f"{stage}: {times[stage]:.1f} s")
+
+
 # ----------------------------------------------------------------------------------------------------
 # 1. Data, and 2. the judge
 
@@ -360,11 +366,7 @@ def main(out: str, recipe: str = "full", seed: int = 0, figures: str | None = No
     if (out_dir / "train").exists():
         raise cli.UsageError(f"{out_dir} holds a run already: choose another --out, or remove {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    times = {}
-
-    def stage(name: str, t0: float) -> None:
-        times[name] = time.perf_counter() - t0
-        log(f"{name}: {times[name]:.1f} s")
+    times = {}  # stage -> seconds
 
     log(f"1/6 data: scikit-learn's digits, split with seed {seed}")
     t0 = time.perf_counter()
@@ -372,13 +374,13 @@ def main(out: str, recipe: str = "full", seed: int = 0, figures: str | None = No
     train_images, test_images = to_images(x_train), to_images(x_test)
     write_data_folder(out_dir / "data", train_images, y_train)
     log(f"  {len(x_train)} training digits written to {out_dir / 'data'}, {len(x_test)} held out")
-    stage("data", t0)
+    finished(times, "data", t0)
 
     log("2/6 judge: an SVC on the real training digits")
     t0 = time.perf_counter()
     judge = fit_judge(x_train, y_train)
     log(f"  accuracy on the held-out real digits: {(judge.predict(x_test) == y_test).mean():.3f} (the ceiling)")
-    stage("judge", t0)
+    finished(times, "judge", t0)
 
     log(f"3/6 tokenizer: a VQ-VAE with {VQ.num_vq_embeddings} codes, {recipe} recipe ({r.vq_steps} steps)")
     t0 = time.perf_counter()
@@ -387,31 +389,31 @@ def main(out: str, recipe: str = "full", seed: int = 0, figures: str | None = No
     for split, f in vq_figures.items():
         log(f"  {split}: reconstruction MSE {f['mse']:.5f}, perplexity {f['perplexity']:.1f} of "
             f"{VQ.num_vq_embeddings} codes, {f['unused']} never used")
-    stage("tokenizer", t0)
+    finished(times, "tokenizer", t0)
 
     log("4/6 text: a BPE vocabulary of the ten captions, a CLIP text encoder with seeded random weights")
     t0 = time.perf_counter()
     tokenizer_files, text_encoder = text_side(seed)
     write_start_checkpoint(out_dir / "start.safetensors", vq, text_encoder, tokenizer_files, seed)
     (out_dir / "uvit.json").write_text(json.dumps(dataclasses.asdict(UVIT), indent=2))
-    stage("text", t0)
+    finished(times, "text", t0)
 
     log(f"5/6 U-ViT: train.py --init-transformer {out_dir / 'uvit.json'} ({r.uvit_steps} steps of {r.uvit_batch})")
     t0 = time.perf_counter()
     train.main(checkpoint=str(out_dir / "start.safetensors"), data=str(out_dir / "data"), out=str(out_dir / "train"),
                init_transformer=str(out_dir / "uvit.json"), lr=r.uvit_lr, warmup_steps=r.uvit_warmup,
                lr_schedule="cosine", max_grad_norm=MAX_GRAD_NORM, batch_size=r.uvit_batch, max_steps=r.uvit_steps,
-               prompt_dropout=r.prompt_dropout, save_every=0,
-               validate_every=0, log_every=max(1, r.uvit_steps // 10), seed=seed, device="cpu")
+               prompt_dropout=r.prompt_dropout, save_every=0, validate_every=0, log_every=max(1, r.uvit_steps // 10),
+               seed=seed, device="cpu")
     shutil.copyfile(out_dir / "train" / "model.safetensors", out_dir / "model.safetensors")
-    stage("U-ViT", t0)
+    finished(times, "U-ViT", t0)
 
     log(f"6/6 judge the drawings of {out_dir / 'model.safetensors'}")
     t0 = time.perf_counter()
     pipe = Amused.from_pretrained(out_dir / "model.safetensors")
     results = evaluate(pipe, judge, x_train, y_train, x_test, y_test, r, seed)
     results["vq"] = vq_figures
-    stage("judge the drawings", t0)
+    finished(times, "judge the drawings", t0)
     results["seconds"] = {**times, "total": time.perf_counter() - t_start}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     (out_dir / "results.md").write_text(results_markdown(results, r))
