@@ -318,8 +318,11 @@ def judge_samples(judge, pixels: np.ndarray, labels: np.ndarray, x_test: np.ndar
 
 def evaluate(pipe: Amused, judge, x_train, y_train, x_test, y_test, recipe: Recipe, seed: int) -> dict:
     """Every figure of results.md: the ceilings, the two 12-step settings, the steps x guidance table."""
+    reconstructions = to_pixels8(pipe.vqvae.decode_ids(pipe.vqvae.encode_to_ids(to_images(x_test))))
     results = dict(judge_on_real_held_out=float((judge.predict(x_test) == y_test).mean()),
-                   frechet_real_vs_real=frechet_distance(x_train, x_test))
+                   frechet_real_vs_real=frechet_distance(x_train, x_test),
+                   judge_on_vq_reconstructions=float((judge.predict(reconstructions) == y_test).mean()),
+                   frechet_vq_reconstructions=frechet_distance(reconstructions, x_test))
     for guidance in (10.0, 4.0):
         t0 = time.perf_counter()
         pixels, labels = generate(pipe, recipe.per_class, 12, guidance, seed)
@@ -338,9 +341,11 @@ def evaluate(pipe: Amused, judge, x_train, y_train, x_test, y_test, recipe: Reci
 
 
 def results_markdown(r: dict, recipe: Recipe) -> str:
-    lines = [f"| | accuracy | diversity (min class) | Frechet distance |", "|---|---|---|---|",
+    lines = ["| | accuracy | diversity (min class) | Frechet distance |", "|---|---|---|---|",
              f"| real held-out digits (ceiling, floor) | {r['judge_on_real_held_out']:.3f} | 1 | "
-             f"{r['frechet_real_vs_real']:.1f} (real train vs held-out) |"]
+             f"{r['frechet_real_vs_real']:.1f} (real train vs held-out) |",
+             f"| the held-out digits through the VQ (what the tokenizer allows) | {r['judge_on_vq_reconstructions']:.3f} "
+             f"| | {r['frechet_vq_reconstructions']:.1f} |"]
     for key in ("12 steps, guidance 10", "12 steps, guidance 4"):
         s = r[key]
         lines.append(f"| generated, {key}, {recipe.per_class} per class | {s['accuracy']:.3f} | {s['diversity']:.2f} "
