@@ -137,14 +137,19 @@ def open_image(path: str, flag: str) -> Image.Image:
         image.load()  # Image.open only reads the header; a truncated file fails here
     except (OSError, ValueError) as e:
         raise UsageError(f"{flag} {path}: cannot read it as an image ({e})") from None
-    # matches reference: diffusers.utils.load_image applies the EXIF orientation of photos
-    oriented = ImageOps.exif_transpose(image)
-    oriented.format = image.format  # exif_transpose returns a copy without it; to_8bit reads it
     try:
         # 16-bit and float grayscale scaled to 8 bits (Pillow's convert alone clips 16-bit values: near white)
-        return amused.pil_to_rgb(oriented)
+        return amused.pil_to_rgb(exif_oriented(image))
     except ValueError as e:
         raise UsageError(f"{flag} {path}: {e}") from None
+
+
+def exif_oriented(image: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen. Matches reference: diffusers.utils.load_image applies the EXIF orientation
+    of photos. exif_transpose returns a copy without the file's format, which amused.to_8bit reads: kept."""
+    oriented = ImageOps.exif_transpose(image)
+    oriented.format = image.format
+    return oriented
 
 
 def read_inputs(init_image: str | None, mask: str | None) -> tuple[Image.Image | None, Image.Image | None]:
