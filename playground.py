@@ -739,19 +739,8 @@ def main(checkpoint: str = "amused/amused-256", host: str = "127.0.0.1", port: i
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    p.add_argument("--checkpoint", default="amused/amused-256",
-                   help="hub-layout folder, file from convert_weights.py, or hub repo id (downloaded on first use)")
-    p.add_argument("--variant", choices=["fp16"], default=None,
-                   help="read the .fp16.safetensors files of a hub checkpoint (half the download)")
+    sample.add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="the address to listen on; 0.0.0.0 (every interface) lets other machines in, with a warning")
     p.add_argument("--port", type=int, default=7860, help="the port to listen on; 0: any free port (printed)")
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
-                   help="auto: cuda, else mps, else cpu")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="auto: fp16 on cuda, fp32 elsewhere; an fp16 VQ decodes in fp32 when its config says "
-                        "force_upcast")
-    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
-                   help="on the CPU, the reference's kernels; --no-exact uses oneDNN matmuls (~1.2x faster, logits "
-                        "~1e-6 off diffusers')")
     cli.run(main, p.parse_args(), errors=sample.USER_ERRORS)

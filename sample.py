@@ -390,13 +390,26 @@ def main(prompt: str, checkpoint: str = "amused/amused-256", negative_prompt: st
           f"total {time.perf_counter() - t_start:.1f} s")
 
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    p.add_argument("prompt")
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--checkpoint, --variant, --device, --dtype, --exact: which model to load, and how (playground.py's too)."""
     p.add_argument("--checkpoint", default="amused/amused-256",
                    help="hub-layout folder, file from convert_weights.py, or hub repo id (downloaded on first use)")
     p.add_argument("--variant", choices=["fp16"], default=None,
                    help="read the .fp16.safetensors files of a hub checkpoint (half the download)")
+    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
+                   help="auto: cuda, else mps, else cpu")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="auto: fp16 on cuda, fp32 elsewhere; an fp16 VQ decodes in fp32 when its config says "
+                        "force_upcast")
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
+                   help="on the CPU, the reference's kernels: fp32 output equal to diffusers' bit for bit; "
+                        "--no-exact uses oneDNN matmuls (~1.2x faster, logits ~1e-6 off diffusers')")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p.add_argument("prompt")
+    add_model_flags(p)
     p.add_argument("--negative-prompt", default=None, help="what to steer away from; None: the empty prompt")
     p.add_argument("--steps", default="12", help="sampling steps; a comma list such as 5,10,15 makes a grid")
     p.add_argument("--guidance-scale", type=float, default=10.0, help="classifier-free guidance; <= 1 turns it off")
@@ -407,16 +420,8 @@ if __name__ == "__main__":
     p.add_argument("--num-images", type=int, default=1, help="images per step count (grid rows)")
     p.add_argument("--aesthetic-score", type=float, default=6.0, help="micro-conditioning aesthetic score")
     p.add_argument("--out", default="out.png", help="output image; a grid when there are several images")
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
-                   help="auto: cuda, else mps, else cpu")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="auto: fp16 on cuda, fp32 elsewhere; an fp16 VQ decodes in fp32 when its config says "
-                        "force_upcast")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the U-ViT (CUDA only; ignored with a note elsewhere)")
-    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
-                   help="on the CPU, the reference's kernels: fp32 output equal to diffusers' bit for bit; "
-                        "--no-exact uses oneDNN matmuls (~1.2x faster, logits ~1e-6 off diffusers')")
     p.add_argument("--init-image", default=None,
                    help="start from this image (image to image); scaled and centre-cropped to the model's size")
     p.add_argument("--strength", type=float, default=None,

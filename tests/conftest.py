@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,6 +131,15 @@ def assert_nontrivial(name, t):
     t = t.detach().float()
     assert torch.isfinite(t).all(), f"{name}: contains NaN or inf"
     assert t.numel() > 1 and t.std() > 0, f"{name}: constant tensor ({t.flatten()[:1].tolist()})"
+
+
+def assert_same_image(ours, ref, what):
+    """Two PIL images equal pixel for pixel (as RGB), and not constant."""
+    a, b = np.asarray(ours.convert("RGB")), np.asarray(ref.convert("RGB"))
+    assert a.shape == b.shape, f"{what}: size {a.shape} != {b.shape}"
+    assert a.std() > 0, f"{what}: a constant image"
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() == 0, f"{what}: {np.count_nonzero(diff)} of {diff.size} values differ (max {diff.max()})"
 
 
 def assert_close(name, ours, ref, atol, rtol=0.0):

@@ -39,7 +39,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, reference_pipeline, save_hub_checkpoint, smooth_images
+from conftest import ROOT, assert_same_image, reference_pipeline, save_hub_checkpoint, smooth_images
 import amused
 import cli
 import playground
@@ -75,14 +75,6 @@ def square_mask(size, top, left, side) -> Image.Image:
     m = np.zeros((size, size), dtype="uint8")
     m[top:top + side, left:left + side] = 255
     return Image.fromarray(m)
-
-
-def assert_same_image(ours: Image.Image, ref: Image.Image, what: str):
-    a, b = np.asarray(ours.convert("RGB")), np.asarray(ref.convert("RGB"))
-    assert a.shape == b.shape, f"{what}: size {a.shape} != {b.shape}"
-    assert a.std() > 0, f"{what}: a constant image"
-    diff = np.abs(a.astype(int) - b.astype(int))
-    assert diff.max() == 0, f"{what}: {np.count_nonzero(diff)} of {diff.size} values differ (max {diff.max()})"
 
 
 def grey_cells(image: Image.Image, f: int) -> int:

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, reference_pipeline, save_hub_checkpoint, smooth_images
+from conftest import ROOT, assert_same_image, reference_pipeline, save_hub_checkpoint, smooth_images
 import amused
 from amused import Amused
 import sample
@@ -78,14 +78,6 @@ def pipe(files):
 
 def seeded(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-def assert_same_image(ours: Image.Image, ref: Image.Image, what: str):
-    a, b = np.asarray(ours.convert("RGB")), np.asarray(ref.convert("RGB"))
-    assert a.shape == b.shape, f"{what}: size {a.shape} != {b.shape}"
-    assert a.std() > 0, f"{what}: a constant image"
-    diff = np.abs(a.astype(int) - b.astype(int))
-    assert diff.max() == 0, f"{what}: {np.count_nonzero(diff)} of {diff.size} values differ (max {diff.max()})"
 
 
 # ----------------------------------------------------------------------------------------------------
