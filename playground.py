@@ -185,7 +185,7 @@ def check_settings(body, max_steps: int) -> Settings:
         if mode == "inpaint" and mask is None:
             raise UsageError("inpaint needs a mask: paint over the part of the image to redo")
         if strength is None:
-            strength = 1.0 if mode == "inpaint" else 0.5  # the defaults of the pipelines (and diffusers')
+            strength = sample.DEFAULT_STRENGTH[mode]
         strength = to_float(strength, "strength")
         if not 0 < strength <= 1:  # written so that NaN fails too
             raise UsageError(f"strength must be in (0, 1], got {strength}")

@@ -47,6 +47,7 @@ from convert_weights import CheckpointError
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
                  ".tif": "TIFF", ".tiff": "TIFF", ".gif": "GIF"}  # --out suffix -> PIL format
+DEFAULT_STRENGTH = {"img2img": 0.5, "inpaint": 1.0}  # the pipelines' defaults (and diffusers')
 GREY = 0.5  # colour of the still-masked token cells in --save-steps frames
 FRAME_MS, LAST_FRAME_MS = 300, 2000  # --save-steps: each step, then the final image held longer
 # what a user can fix: one line `error: ...` and exit code 2 (cli.run)
@@ -90,7 +91,7 @@ def check_mode(init_image: str | None, mask: str | None, strength: float | None,
         raise UsageError("--strength applies only with --init-image")
     mode = "inpaint" if mask else "img2img" if init_image else "text-to-image"
     if strength is None and init_image is not None:
-        strength = 1.0 if mask else 0.5  # the defaults of the pipelines (and diffusers')
+        strength = DEFAULT_STRENGTH[mode]
     if strength is not None and not 0 < strength <= 1:  # written so that NaN fails too
         raise UsageError(f"--strength must be in (0, 1], got {strength}")
     if mode == "inpaint" and any(int(s * strength) == 0 for s in step_counts):
