@@ -18,6 +18,7 @@ Matches diffusers' AmusedPipeline, AmusedImg2ImgPipeline, AmusedInpaintPipeline 
 import json
 import math
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,20 +47,23 @@ def mask_ratio(progress: torch.Tensor, schedule: str = "cosine") -> torch.Tensor
     raise ValueError(f"unknown masking schedule {schedule!r}; expected one of {SCHEDULES}")
 
 
-def sampling_mask_count(step: int, steps: int, seq_len: int, schedule: str = "cosine",
-                        starting_mask_ratio: float | torch.Tensor = 1.0) -> int:
-    """How many of `seq_len` tokens stay masked after sampling step `step` (0-based) of `steps`, before the
-    clamps of unmask_step: the floor of seq_len * mask_ratio. On the last step, none.
+def sampling_mask_counts(steps: int, seq_len: int, schedule: str = "cosine",
+                         starting_mask_ratio: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """How many of `seq_len` tokens stay masked after each sampling step of `steps`, before the clamps of
+    unmask_step: the floor of seq_len * mask_ratio, (steps,) long; 0 after the last step. On the device of
+    starting_mask_ratio when it is a tensor (inpainting's masked fraction), so that reading it costs no sync.
 
     Matches reference: AmusedScheduler.step computes this in float32 tensors: (step + 1) / steps, the cosine,
     the product and the floor. The float32 rounding matters: at steps=12, step=7 the cosine of 2/3 * pi/2 is
-    0.49999997, so 127 of 256 tokens stay masked, where float64 would give 128. We compute it on the CPU, so
-    the count does not depend on the device's cos."""
-    if step == steps - 1:
-        return 0
-    progress = torch.tensor(step + 1) / steps  # float32, like the reference's (step_idx + 1) / N
-    ratio = starting_mask_ratio * mask_ratio(progress, schedule)
-    return int((seq_len * ratio).floor())
+    0.49999997, so 127 of 256 tokens stay masked, where float64 would give 128. Each cosine is taken on the CPU, one
+    0-d tensor at a time as the reference does, so the counts depend neither on the device's cos nor on a SIMD
+    kernel's."""
+    ratios = torch.stack([mask_ratio(torch.tensor(step + 1) / steps, schedule) for step in range(steps)])  # float32
+    if isinstance(starting_mask_ratio, torch.Tensor):
+        ratios = ratios.to(starting_mask_ratio.device)
+    counts = (seq_len * (starting_mask_ratio * ratios)).floor().long()
+    counts[-1] = 0  # the last step commits every token
+    return counts
 
 
 def training_mask_count(t: torch.Tensor, seq_len: int, min_masking_rate: float = 0.0,
@@ -82,40 +86,56 @@ def temperature_schedule(temperature, steps: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------
-# One sampling step
+# One sampling step. Its random numbers are drawn first (draw_step_noise), with the explicit generator; what
+# follows is deterministic and sync-free, so that torch.compile can capture the whole step as one graph.
 
 
-def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Gumbel(0, 1) noise shaped and typed like `like`, drawn on the generator's device.
+class StepNoise(NamedTuple):
+    """The random numbers of one sampling step, in the order the reference draws them."""
+    exponential: torch.Tensor  # (B * L, K) Exp(1): the categorical draw at every position (sample_categorical)
+    uniform: torch.Tensor | None  # (B, L) in [0, 1): the Gumbel noise of the confidence; None on the last step
 
-    Matches reference: scheduling_amused.gumbel_noise: uniform_ in the dtype of `like` (so fp16 runs draw fp16
-    uniforms), clamped away from 0 before each log."""
-    device = generator.device if generator is not None else like.device
-    u = torch.zeros_like(like, device=device).uniform_(0, 1, generator=generator).to(like.device)
+
+def draw_step_noise(B: int, L: int, K: int, dtype: torch.dtype, device: torch.device,
+                    generator: torch.Generator | None, last: bool) -> StepNoise:
+    """Draw step noise on the generator's device (so a CPU generator gives diffusers' CPU draws anywhere), then
+    move it to `device`. dtype: the logits'.
+
+    Matches reference: AmusedScheduler.step moves the probabilities to the generator's device and, on the CPU,
+    to float32 (torch.multinomial has no CPU half): the exponentials are float32 on the CPU, in the logits' dtype
+    elsewhere. The uniforms come from scheduling_amused.gumbel_noise: uniform_ in the logits' dtype (so fp16 runs
+    draw fp16 uniforms). None on the last step, which re-masks nothing."""
+    where = generator.device if generator is not None else device
+    exp_dtype = torch.float32 if where.type == "cpu" else dtype
+    q = torch.empty(B * L, K, dtype=exp_dtype, device=where).exponential_(1, generator=generator)
+    u = None if last else torch.zeros(B, L, dtype=dtype, device=where).uniform_(0, 1, generator=generator)
+    return StepNoise(q.to(device), None if u is None else u.to(device))
+
+
+def gumbel(u: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise from uniforms u. Matches reference: clamped away from 0 before each log."""
     return -torch.log((-torch.log(u.clamp(1e-20))).clamp(1e-20))
 
 
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw from each row of probs (N, K) -> (N, 1): torch.multinomial(probs, 1, generator=generator) exactly.
+def sample_categorical(probs: torch.Tensor, exponential: torch.Tensor) -> torch.Tensor:
+    """One draw from each row of probs (N, K) -> (N, 1), given exponential = Exp(1) noise (N, K):
+    torch.multinomial(probs, 1, generator=g) exactly, when exponential was drawn from g as draw_step_noise does.
 
     multinomial draws one sample by the Gumbel-max trick (its n_sample == 1 path in ATen's Distributions.cpp):
-    q ~ Exp(1) for every entry, then argmax(probs / q). We do the same three operations, so the random numbers,
-    their order and the result are the same, but skip its two validity checks, which read values back to the
-    host: a sync every step on a GPU. Non-finite logits are caught once per generation instead (generate).
+    q ~ Exp(1) for every entry, then argmax(probs / q). We do the same operations, so the random numbers, their
+    order and the result are the same, but skip its two validity checks, which read values back to the host: a
+    sync every step on a GPU. Non-finite logits are caught once per generation instead (generate).
     """
-    q = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / q).argmax(dim=-1, keepdim=True)
+    return (probs / exponential).argmax(dim=-1, keepdim=True)
 
 
-def unmask_step(logits, tokens, step: int, steps: int, *, mask_id: int, temperature: torch.Tensor,
-                schedule: str = "cosine", starting_mask_ratio: float | torch.Tensor = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def unmask_step(logits, tokens, noise: StepNoise, n_masked: torch.Tensor, temperature: torch.Tensor, *,
+                mask_id: int) -> torch.Tensor:
     """Sample every masked position, then re-mask the least confident ones (diffusers AmusedScheduler.step).
 
-    logits: (B, K, h, w) guided logits over the codebook; tokens: (B, h, w) long, mask_id where masked;
-    temperature: the Gumbel temperature of this step. Returns the new tokens (B, h, w).
-    Random draws, in order: one multinomial over (B*h*w, K) (sample_categorical), then (except on the last step) one
-    uniform (B, h*w).
+    logits: (B, K, h, w) guided logits over the codebook; tokens: (B, h, w) long, mask_id where masked; noise:
+    draw_step_noise's; n_masked: 0-d, how many the schedule leaves masked (sampling_mask_counts); temperature: 0-d,
+    this step's Gumbel temperature. Returns the new tokens (B, h, w).
     """
     B, K, h, w = logits.shape
     L = h * w
@@ -124,20 +144,14 @@ def unmask_step(logits, tokens, step: int, steps: int, *, mask_id: int, temperat
     masked = tokens == mask_id  # (B, L)
     probs = logits.softmax(dim=-1)  # (B, L, K), in the model's dtype like the reference
 
-    # A candidate for every position. Matches reference: the probabilities go to the generator's device, and on
-    # the CPU in float32 (torch.multinomial has no CPU half), which makes the exponential draws float32 too.
-    p = probs.to(generator.device) if generator is not None else probs
-    if p.device.type == "cpu" and p.dtype != torch.float32:
-        p = p.float()
-    pred = sample_categorical(p.reshape(B * L, K), generator).to(probs.device).view(B, L)
-    pred = torch.where(masked, pred, tokens)  # committed tokens never change
-    if step == steps - 1:
+    # A candidate for every position; committed tokens never change.
+    pred = sample_categorical(probs.reshape(B * L, K), noise.exponential).view(B, L)
+    pred = torch.where(masked, pred, tokens)
+    if noise.uniform is None:
         return pred.view(B, h, w)  # the last step commits everything
 
     # How many to re-mask: the schedule's count, but fewer than are masked now, and at least one.
-    n_remask = torch.full((B, 1), sampling_mask_count(step, steps, L, schedule, starting_mask_ratio),
-                          device=tokens.device)
-    n_remask = torch.minimum(masked.sum(dim=-1, keepdim=True) - 1, n_remask).clamp(min=1)  # (B, 1)
+    n_remask = torch.minimum(masked.sum(dim=-1, keepdim=True) - 1, n_masked).clamp(min=1)  # (B, 1)
 
     # Confidence: log-probability of the sampled token plus annealed Gumbel noise; committed tokens get the
     # largest finite value so they are never chosen for re-masking.
@@ -145,9 +159,28 @@ def unmask_step(logits, tokens, step: int, steps: int, *, mask_id: int, temperat
     chosen = torch.where(masked, chosen, torch.finfo(chosen.dtype).max)
     # Matches reference: the temperature is a float32 (1, 1) tensor there, so in fp16 runs the confidence is
     # promoted to float32 (a 0-d tensor would not promote).
-    confidence = torch.log(chosen.clamp(1e-20)) + temperature.reshape(1, 1) * gumbel_noise(chosen, generator)
+    confidence = torch.log(chosen.clamp(1e-20)) + temperature.reshape(1, 1) * gumbel(noise.uniform)
     cutoff = confidence.sort(dim=-1).values.gather(1, n_remask)  # the n-th smallest confidence, (B, 1)
     return torch.where(confidence < cutoff, mask_id, pred).view(B, h, w)
+
+
+def sampling_step(transformer: uvit.UViT, conds: uvit.Conditions, tokens: torch.Tensor, noise: StepNoise,
+                  n_masked: torch.Tensor, temperature: torch.Tensor, *, mask_id: int,
+                  guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step on tokens (B, h, w) -> (new tokens (B, h, w), whether every logit was finite (0-d bool)).
+    No random draws and no host syncs: speed.compile_step captures it whole (fullgraph)."""
+    guided = guidance_scale > 1.0  # matches reference: guidance only when strictly above 1
+    # 1. Logits over the codebook at every position; with guidance, one batch [negative; positive].
+    logits = transformer(torch.cat([tokens, tokens]) if guided else tokens, conds)  # (2B or B, K, h, w)
+    # 2. Classifier-free guidance: away from the negative prompt's prediction, towards the prompt's.
+    if guided:
+        uncond, cond = logits.chunk(2)
+        logits = uncond + guidance_scale * (cond - uncond)  # (B, K, h, w)
+    # NaN or +inf logits make NaN probabilities, which torch.multinomial would reject with a host-side check
+    # every step (sample_categorical skips it): the same test, kept on the device.
+    finite = logits.amax() < math.inf
+    # 3. Sample every masked position, keep the most confident samples, re-mask the rest.
+    return unmask_step(logits, tokens, noise, n_masked, temperature, mask_id=mask_id), finite
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -158,33 +191,29 @@ def unmask_step(logits, tokens, step: int, steps: int, *, mask_id: int, temperat
 def generate(transformer: uvit.UViT, conds: uvit.Conditions, tokens: torch.Tensor, *, mask_id: int, steps: int,
              start: int = 0, guidance_scale: float = 10.0, temperatures: torch.Tensor, schedule: str = "cosine",
              starting_mask_ratio: float | torch.Tensor = 1.0, generator: torch.Generator | None = None,
-             callback=None) -> torch.Tensor:
+             callback=None, step_fn=sampling_step) -> torch.Tensor:
     """Steps start..steps-1 of a `steps`-step schedule on tokens (B, h, w), mask_id where masked -> the final
     tokens (B, h, w), none masked. Text to image starts at 0 from an all-masked grid; image to image and
     inpainting start later, from an image's tokens with some masked.
 
     conds: the U-ViT's conditions for [negative prompts; prompts] (2B) when guidance_scale > 1, else for the prompts
     (B). temperatures: (steps,), the Gumbel temperature of each step. callback(step, tokens) after every step.
+    step_fn: sampling_step, or the same compiled (speed.compile_step).
     """
-    guided = guidance_scale > 1.0  # matches reference: guidance only when strictly above 1
+    B, h, w = tokens.shape
+    K, dtype = transformer.cfg.codebook_size, transformer.mlm_layer.conv2.weight.dtype  # the logits' size and dtype
+    # The schedule's counts and temperatures on the device, before the loop: nothing inside it reads back to the host.
+    counts = sampling_mask_counts(steps, h * w, schedule, starting_mask_ratio).to(tokens.device)
+    temperatures = temperatures.to(tokens.device)
     finite = torch.ones((), dtype=torch.bool, device=tokens.device)  # read once, after the loop
     for step in range(start, steps):
-        # 1. Logits over the codebook at every position; with guidance, one batch [negative; positive].
-        logits = transformer(torch.cat([tokens, tokens]) if guided else tokens, conds)  # (2B or B, K, h, w)
-        # 2. Classifier-free guidance: away from the negative prompt's prediction, towards the prompt's.
-        if guided:
-            uncond, cond = logits.chunk(2)
-            logits = uncond + guidance_scale * (cond - uncond)  # (B, K, h, w)
-        # NaN or +inf logits make NaN probabilities, which torch.multinomial would reject with a host-side check
-        # every step (sample_categorical skips it): the same test, kept on the device.
-        finite &= logits.amax() < math.inf
-        # 3. Sample every masked position, keep the most confident samples, re-mask the rest.
-        tokens = unmask_step(logits, tokens, step, steps, mask_id=mask_id, temperature=temperatures[step],
-                             schedule=schedule, starting_mask_ratio=starting_mask_ratio, generator=generator)
+        noise = draw_step_noise(B, h * w, K, dtype, tokens.device, generator, last=step == steps - 1)
+        tokens, step_finite = step_fn(transformer, conds, tokens, noise, counts[step], temperatures[step],
+                                      mask_id=mask_id, guidance_scale=guidance_scale)
+        finite &= step_finite
         if callback is not None:
             callback(step, tokens)
     if not finite:
-        dtype = next(transformer.parameters()).dtype
         why = ("in float16 an overflow: rerun in torch.bfloat16 or torch.float32" if dtype == torch.float16
                else "check that the weights, guidance_scale and micro-conditioning are finite")
         raise FloatingPointError(f"the U-ViT's logits were NaN or infinite at some step ({dtype}; {why})")
@@ -311,25 +340,35 @@ class Amused:
         images = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0))
     """
 
-    def __init__(self, ckpt: Checkpoint, device="cpu", dtype: torch.dtype = torch.float32, exact: bool = True):
-        """exact: on the CPU, run every operation as the reference does, so that float32 tokens and images equal
-        diffusers' bit for bit; exact=False is faster there, and not bit-exact (speed.py)."""
+    def __init__(self, ckpt: Checkpoint, device="cpu", dtype: torch.dtype | str = torch.float32, exact: bool = True):
+        """dtype: a torch dtype, or "auto": the fastest precision the device runs natively (speed.auto_dtype; float32
+        when exact). exact: on the CPU, run every operation as the reference does, so that float32 tokens and images
+        equal diffusers' bit for bit; exact=False is faster there, and not bit-exact (speed.py)."""
         device = torch.device(device)
         speed.check(device, exact)
+        dtype, self.dtype_reason = speed.auto_dtype(device, exact) if dtype == "auto" else (dtype, "asked for")
         self.tokenizer: clip_text.CLIPTokenizer = ckpt.tokenizer
         self.text_encoder: clip_text.CLIPTextEncoder = ckpt.text_encoder.to(device, dtype)
         self.transformer: uvit.UViT = ckpt.transformer.to(device, dtype)
         # half-precision VQ weights follow the checkpoint's force_upcast (see vqgan.VQModel.upcast)
-        self.vqvae: vqgan.VQModel = ckpt.vqvae.to(device, dtype, memory_format=speed.vq_memory_format(device, exact))
+        self.vqvae: vqgan.VQModel = ckpt.vqvae.to(device, dtype, memory_format=speed.vq_memory_format(device))
         self.mask_id = ckpt.mask_token_id
         self.schedule = ckpt.masking_schedule  # of text to image and image to image; inpainting's is linear
         self.device, self.dtype, self.exact = device, dtype, exact
+        self.step_fn = sampling_step  # compile() swaps in the compiled step
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype = torch.float32, variant: str | None = None,
+    def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | str = torch.float32, variant: str | None = None,
                         exact: bool = True):
-        """path: a hub-layout folder, a file written by convert_weights.py, or a hub repo id (downloaded)."""
-        return cls(load_checkpoint(path, variant), device, dtype, exact)
+        """path: a hub-layout folder, a file written by convert_weights.py, or a hub repo id (downloaded). The
+        weights are cast to `dtype` as they are read: never held in the file's dtype and in `dtype` at once."""
+        cast = speed.auto_dtype(torch.device(device), exact)[0] if dtype == "auto" else dtype
+        return cls(load_checkpoint(path, variant, cast), device, dtype, exact)
+
+    def compile(self) -> None:
+        """From the next call on, sample with the whole step compiled (speed.compile_step). The first call of each
+        new shape (batch size, guidance on or off) compiles: tens of seconds."""
+        self.step_fn = speed.compile_step(sampling_step, self.device)
 
     @property
     def resolution(self) -> int:
@@ -373,7 +412,7 @@ class Amused:
                                     (self.resolution, self.resolution), aesthetic_score, crop_coords)
             tokens = generate(self.transformer, conds, tokens, mask_id=self.mask_id, steps=steps,
                               guidance_scale=guidance_scale, temperatures=temperature_schedule(temperature, steps),
-                              schedule=self.schedule, generator=generator, callback=callback)
+                              schedule=self.schedule, generator=generator, callback=callback, step_fn=self.step_fn)
             return self._output(tokens, output_type)
 
     @torch.no_grad()
@@ -404,7 +443,7 @@ class Amused:
                                     (pixels.shape[-1], pixels.shape[-2]), aesthetic_score, crop_coords)
             tokens = generate(self.transformer, conds, tokens, mask_id=self.mask_id, steps=steps, start=start,
                               guidance_scale=guidance_scale, temperatures=temperature_schedule(temperature, steps),
-                              schedule=self.schedule, generator=generator, callback=callback)
+                              schedule=self.schedule, generator=generator, callback=callback, step_fn=self.step_fn)
             return self._output(tokens, output_type)
 
     @torch.no_grad()
@@ -434,7 +473,7 @@ class Amused:
             tokens = generate(self.transformer, conds, tokens, mask_id=self.mask_id, steps=steps, start=start,
                               guidance_scale=guidance_scale, temperatures=temperature_schedule(temperature, steps),
                               schedule="linear", starting_mask_ratio=starting_mask_ratio, generator=generator,
-                              callback=callback)
+                              callback=callback, step_fn=self.step_fn)
             return self._output(tokens, output_type)
 
     def _output(self, tokens: torch.Tensor, output_type: str):

@@ -1,18 +1,24 @@
 """bench.py: aMUSEd generation latency, ours against diffusers, side by side in one process.
 
-    python bench.py                                   # CPU fp32 (and CUDA fp16/bf16 when a GPU is present)
-    python bench.py --models amused-256 --batch-sizes 1 --repeats 5
+    python bench.py                                   # CPU: amused-256 and amused-512, batch 1
+    python bench.py --models amused-256 --repeats 5
+    python bench.py --memory                          # also the peak RSS of sample.py runs (bench/memory.py)
 
-Both pipelines get the same random weights in the official configurations (timing does not depend on the weight
-values), the same prompt, seed and settings (12 steps, guidance 10). After a warm-up run of each, the runs
-alternate (diffusers, ours, diffusers, ours, ...), so a slow spell of the machine hits both. We report the median
-latency per image and the spread (min-max), the peak CUDA memory, whether the tokens were identical, and the
-ratio ours / diffusers. On the CPU ours runs twice, each against its own diffusers runs: exact (the default,
-bit-identical to diffusers) and exact=False (oneDNN matmuls); on CUDA eager and compiled. The table is printed
-and appended to bench/RESULTS.md with the machine named.
-Needs requirements-dev.txt (diffusers, transformers).
+Every pipeline gets the same random weights in the official configuration (timing does not depend on the weight
+values), the same prompt, seed and settings (12 steps, guidance 10). Per model, every variant is built once and
+warmed up; then the runs go in rounds, each round running every variant once in turn, so that a slow spell of the
+machine hits all of them. The variants:
+  - diffusers in each precision this device runs (CPU: fp32, and bf16 where oneDNN has it; CUDA: --dtypes, and fp16
+    with its transformer compiled as its model card recommends);
+  - ours exact (CPU: fp32, the reference's kernels: its tokens must equal diffusers' fp32 tokens) and ours in the
+    default fast mode (dtype "auto", exact=False: what sample.py runs); on CUDA also the compiled step.
+Each row gives the median latency per image with the spread (min-max), the ratio to diffusers' *best* variant on
+this machine (its fastest median, named in the table), and the share of tokens equal to diffusers' fp32 tokens.
+The machine (CPU model and its ISA features, threads; the GPU) heads the table, which is printed and appended to
+bench/RESULTS.md. Needs requirements-dev.txt (diffusers, transformers).
 """
 import argparse
+import copy
 import platform
 import statistics
 import sys
@@ -25,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import speed  # noqa: E402
 from amused import Amused  # noqa: E402
 from cli import DTYPES  # noqa: E402
 from convert_weights import COMPONENTS, Checkpoint, build  # noqa: E402
@@ -32,106 +39,124 @@ from convert_weights import COMPONENTS, Checkpoint, build  # noqa: E402
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
 
 
-def build_pipelines(preset: str, device: str, dtype: torch.dtype, exact: bool = True):
-    """(diffusers AmusedPipeline, our Amused) holding the same random weights, official configuration."""
+def reference(preset: str):
+    """(diffusers' AmusedPipeline with random weights in the official configuration, fp32 on the CPU; its tokenizer
+    folder)."""
     from conftest import SHARED_TOKENIZER, reference_pipeline, write_tiny_tokenizer
-    import clip_text
 
     tok = SHARED_TOKENIZER if SHARED_TOKENIZER.exists() else write_tiny_tokenizer(Path("/tmp/amused-bench-tokenizer"))
-    ref = reference_pipeline(preset, tok, seed=0)  # random weights, perturbed; fp32 on the CPU
+    ref = reference_pipeline(preset, tok, seed=0)  # random weights, perturbed
+    ref.set_progress_bar_config(disable=True)
+    return ref, tok
+
+
+def ours_from(ref, tok: Path, device: str, dtype, exact: bool) -> Amused:
+    """Our pipeline holding the reference's weights (its fp32 tensors, shared; cast copies for other dtypes)."""
+    import clip_text
+
     models = {}
     for name, comp in COMPONENTS.items():
         module = getattr(ref, name)
         config = dict(module.config) if name != "text_encoder" else module.config.to_dict()
         models[name] = build(comp, comp.config_from_hub(config), dict(module.state_dict()), f"diffusers {name}")
-    ckpt = Checkpoint(clip_text.CLIPTokenizer.from_folder(tok), **models, mask_token_id=ref.scheduler.config.mask_token_id,
-                      masking_schedule="cosine")
-    ours = Amused(ckpt, device, dtype, exact)
-    ref.to(device, dtype)
-    ref.set_progress_bar_config(disable=True)
-    return ref, ours
+    ckpt = Checkpoint(clip_text.CLIPTokenizer.from_folder(tok), **models,
+                      mask_token_id=ref.scheduler.config.mask_token_id, masking_schedule="cosine")
+    return Amused(ckpt, device, dtype, exact)
 
 
-def timed(fn, device: str) -> tuple[float, int]:
-    """Seconds and peak CUDA memory (bytes; 0 on the CPU) of one call."""
+def variants(ref, tok: Path, device: str, dtypes: list[str], compile: bool) -> dict:
+    """label -> (run(prompts, steps, generator, output_type) -> images or tokens, owner: "diffusers" or "ours")."""
+    def theirs(pipe):
+        return lambda p, n, g, out: pipe(p, num_inference_steps=n, generator=g,
+                                         output_type="latent" if out == "tokens" else "pt").images
+
+    def ours(pipe):
+        return lambda p, n, g, out: pipe(p, steps=n, generator=g, output_type=out)
+
+    out = {}
+    if device == "cpu":
+        out["diffusers fp32"] = (theirs(ref), "diffusers")
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            out["diffusers bf16"] = (theirs(copy.deepcopy(ref).to(dtype=torch.bfloat16)), "diffusers")
+        out["ours fp32 exact"] = (ours(ours_from(ref, tok, device, torch.float32, True)), "ours")
+        fast = ours_from(ref, tok, device, "auto", False)
+        out[f"ours auto ({next(k for k, v in DTYPES.items() if v == fast.dtype)}, fast)"] = (ours(fast), "ours")
+        return out
+    fp32 = copy.deepcopy(ref).to(device)
+    out["diffusers fp32"] = (theirs(fp32), "diffusers")
+    for name in dtypes:
+        out[f"diffusers {name}"] = (theirs(copy.deepcopy(fp32).to(dtype=DTYPES[name])), "diffusers")
+        out[f"ours {name}"] = (ours(ours_from(ref, tok, device, DTYPES[name], False)), "ours")
+    if compile:
+        compiled = copy.deepcopy(fp32).to(dtype=torch.float16)
+        compiled.transformer = torch.compile(compiled.transformer)
+        out["diffusers fp16 compiled"] = (theirs(compiled), "diffusers")
+        pipe = ours_from(ref, tok, device, torch.float16, False)
+        pipe.compile()
+        out["ours fp16 compiled step"] = (ours(pipe), "ours")
+    return out
+
+
+def timed(fn, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0, torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    return time.perf_counter() - t0
 
 
-def bench_one(preset, batch, device, dtype_name, compile, exact, steps, repeats, warmup):
-    dtype = DTYPES[dtype_name]
-    ref, ours = build_pipelines(preset, device, dtype, exact)
-    if compile:
-        # diffusers as its model card recommends (compile the transformer); ours compiles the U-ViT's forward
-        # with CUDA graphs, which the fixed shapes of our loop allow
-        ref.transformer = torch.compile(ref.transformer)
-        ours.transformer.compile(mode="reduce-overhead")
-    gen_device = "cpu" if device == "cpu" else device  # a generator on the device: no copy of probabilities
-
-    def gen():
-        return torch.Generator(gen_device).manual_seed(0)
-
+def bench_model(preset, batch, device, dtypes, compile, steps, repeats, warmup) -> list[str]:
+    """The table rows of one model at one batch size."""
+    ref, tok = reference(preset)
+    runs = variants(ref, tok, device, dtypes, compile)
     prompts = [PROMPT] * batch
-    run_ref = lambda: ref(prompts, num_inference_steps=steps, generator=gen(), output_type="pt").images  # noqa: E731
-    run_ours = lambda: ours(prompts, steps=steps, generator=gen(), output_type="pt")  # noqa: E731
-    same = torch.equal(ref(prompts, num_inference_steps=steps, generator=gen(), output_type="latent").images.cpu(),
-                       ours(prompts, steps=steps, generator=gen(), output_type="tokens").cpu())
+    gen = lambda: torch.Generator("cpu" if device == "cpu" else device).manual_seed(0)  # noqa: E731
+    tokens = {label: run(prompts, steps, gen(), "tokens").cpu() for label, (run, _) in runs.items()}
     for _ in range(warmup):
-        run_ref(), run_ours()
-    times = {"diffusers": [], "ours": []}
-    peaks = {"diffusers": 0, "ours": 0}
-    for _ in range(repeats):
-        for name, fn in (("diffusers", run_ref), ("ours", run_ours)):
-            seconds, peak = timed(fn, device)
-            times[name].append(seconds / batch)
-            peaks[name] = max(peaks[name], peak)
-    return times, peaks, same
+        for run, _ in runs.values():
+            run(prompts, steps, gen(), "pt")
+    times = {label: [] for label in runs}
+    for _ in range(repeats):  # rounds: every variant once per round
+        for label, (run, _) in runs.items():
+            times[label].append(timed(lambda: run(prompts, steps, gen(), "pt"), device) / batch)
+    median = {label: statistics.median(t) for label, t in times.items()}
+    best = min((label for label, (_, owner) in runs.items() if owner == "diffusers"), key=median.get)
+    rows = []
+    for label, t in times.items():
+        same = (tokens[label] == tokens["diffusers fp32"]).float().mean().item()
+        rows.append(f"| {preset} b{batch} {device} | {label} | {median[label] * 1e3:,.0f} ({min(t) * 1e3:,.0f}-"
+                    f"{max(t) * 1e3:,.0f}) | **{median[label] / median[best]:.2f}x** {best.removeprefix('diffusers ')} "
+                    f"| {same:.1%} |")
+        print(rows[-1], flush=True)
+    return rows
 
 
 def machine(device: str) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    desc = f"{cpu}, {torch.get_num_threads()} threads"
+    desc = f"{speed.cpu_description()}, {torch.get_num_threads()} threads"
     if device == "cuda":
         desc = f"{torch.cuda.get_device_name()} (host: {desc})"
     return f"{desc}; torch {torch.__version__}, python {platform.python_version()}"
 
 
-def main(models, batch_sizes, devices, dtypes, compile, steps, repeats, warmup, results):
-    rows = []
+def main(models, batch_sizes, devices, dtypes, compile, steps, repeats, warmup, memory, results):
+    text = (f"\n### {time.strftime('%Y-%m-%d')}: {steps} steps, guidance 10, {repeats} rounds after {warmup} "
+            f"warm-up\n\n")
+    header = ("| model | run | ms/image, median (min-max) | against diffusers' best | tokens equal to diffusers "
+              "fp32 |\n|---|---|---|---|---|")
     for device in devices:
-        for dtype_name in (["fp32"] if device == "cpu" else dtypes):
-            for preset in models:
-                for batch in batch_sizes:
-                    # (label suffix, compile, exact): on CUDA eager and compiled; on the CPU the exact mode and
-                    # exact=False (oneDNN matmuls), which changes nothing on CUDA
-                    variants = ([("", False, True)] + ([(" compiled", True, True)] if compile else [])
-                                if device == "cuda" else [("", False, True), (" exact=False", False, False)])
-                    for suffix, comp, exact in variants:
-                        label = f"{preset} b{batch} {device} {dtype_name}{suffix}"
-                        print(f"running {label} ...", flush=True)
-                        times, peaks, same = bench_one(preset, batch, device, dtype_name, comp, exact, steps, repeats,
-                                                       warmup)
-                        med = {k: statistics.median(v) for k, v in times.items()}
-                        row = (f"| {label} | {med['diffusers'] * 1e3:,.0f} ({min(times['diffusers']) * 1e3:,.0f}-"
-                               f"{max(times['diffusers']) * 1e3:,.0f}) | {med['ours'] * 1e3:,.0f} "
-                               f"({min(times['ours']) * 1e3:,.0f}-{max(times['ours']) * 1e3:,.0f}) | "
-                               f"**{med['ours'] / med['diffusers']:.2f}x** | "
-                               + (f"{peaks['diffusers'] / 2**30:.2f} / {peaks['ours'] / 2**30:.2f} GiB" if device == "cuda" else "n/a")
-                               + f" | {'yes' if same else 'no'} |")
-                        print(row, flush=True)
-                        rows.append((device, row))
-    header = ("| run | diffusers ms/image, median (min-max) | ours ms/image | ours / diffusers | peak CUDA memory "
-              "(diffusers / ours) | same tokens |\n|---|---|---|---|---|---|")
-    text = f"\n### {time.strftime('%Y-%m-%d')}: {steps} steps, guidance 10, {repeats} alternating runs after {warmup} warm-up\n\n"
-    for device in dict.fromkeys(d for d, _ in rows):
-        text += f"Machine: {machine(device)}\n\n{header}\n" + "\n".join(r for d, r in rows if d == device) + "\n\n"
+        rows = []
+        for preset in models:
+            for batch in batch_sizes:
+                print(f"running {preset} batch {batch} on {device} ...", flush=True)
+                rows += bench_model(preset, batch, device, dtypes, compile, steps, repeats, warmup)
+        text += f"Machine: {machine(device)}\n\n{header}\n" + "\n".join(rows) + "\n\n"
+    if memory:
+        sys.path.insert(0, str(ROOT / "bench"))
+        import memory as memory_bench
+
+        text += memory_bench.table(models) + "\n\n"
     print(text)
     if results:
         with open(results, "a") as f:
@@ -146,11 +171,13 @@ if __name__ == "__main__":
                    help="default: 1 and 8 on CUDA, 1 on the CPU (batch 8 takes minutes per run there)")
     p.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
                    help="default: cuda when present, else cpu")
-    p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=list(DTYPES), help="on CUDA (CPU: fp32)")
+    p.add_argument("--dtypes", nargs="+", default=["fp16", "bf16"], choices=list(DTYPES), help="on CUDA")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="also compiled, on CUDA")
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="rounds of timed runs")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=False,
+                   help="also measure peak RSS of sample.py runs, ours and diffusers' (bench/memory.py; minutes)")
     p.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"), help="append the table here ('' to skip)")
     args = p.parse_args()
     if args.devices is None:

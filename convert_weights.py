@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 import cli
 import clip_text
@@ -103,11 +104,28 @@ def weights_file(folder: Path, stem: str, variant: str | None) -> Path:
     return path
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, each floating one not already in `dtype` cast to it as it is read (None: all as
+    stored).
+
+    A tensor kept as stored views the memory-mapped file: nothing is copied, and a page is read only when first
+    touched (text to image never touches the VQ encoder's). One to cast is read with pread(2) into a buffer of its
+    own, freed once its copy is made. Read through the mapping instead, its pages would stay resident (and in the
+    RSS) until the last tensor viewing the file is freed: the source tensors and their copies all held at once."""
+    sd = {}
     try:
-        return load_file(path)
+        with safe_open(path, framework="pt") as mapped, safe_open(path, framework="pt", backend="pread") as unmapped:
+            for k in mapped.offset_keys():
+                t = mapped.get_tensor(k)  # a view of the mapping: nothing read yet
+                sd[k] = unmapped.get_tensor(k).to(dtype) if needs_cast(t, dtype) else t
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated, download it again") from e
+    return sd
+
+
+def needs_cast(t: torch.Tensor, dtype: torch.dtype | None) -> bool:
+    """Floating tensors are cast to `dtype`; integer ones (ids, counters) keep theirs, and None keeps every dtype."""
+    return dtype is not None and t.is_floating_point() and t.dtype != dtype
 
 
 def hub_config(folder: Path, comp: Component):
@@ -149,10 +167,28 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], ignored: dic
     return {k: sd[k] for k in ours}
 
 
+class SkipNormalInit(TorchFunctionMode):
+    """Inside it, torch.nn.init.normal_ and Tensor.normal_ leave their tensor as it is. For models built on the meta
+    device only to be given loaded tensors: a meta normal_ (nn.Embedding's init) computes nothing, but it runs in
+    torch._refs, whose first call imports torch._dynamo: 70 MB of RSS that sampling never needs."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.init.normal_ or func is torch.Tensor.normal_:
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def empty_model(comp: Component, cfg) -> nn.Module:
+    """Our model for `cfg` on the meta device: its keys and shapes, and no memory for the weights (whose init does
+    nothing there; SkipNormalInit keeps it from importing torch._dynamo)."""
+    with torch.device("meta"), SkipNormalInit():
+        return comp.model_cls(cfg)
+
+
 def build(comp: Component, cfg, sd: dict[str, torch.Tensor], source) -> nn.Module:
     """Our model for `cfg`, holding exactly the tensors of `sd` (no copy: they are assigned, in their dtype)."""
-    with torch.device("meta"):  # no point allocating and initialising weights we are about to replace
-        model = comp.model_cls(cfg)
+    model = empty_model(comp, cfg)  # no point allocating and initialising weights we are about to replace
     model.load_state_dict(check_state_dict(model, sd, comp.ignored, source), strict=True, assign=True)
     assert not any(t.is_meta for t in model.state_dict().values()), "a non-persistent buffer was left on meta"
     return model.eval().requires_grad_(False)
@@ -190,21 +226,23 @@ def scheduler_settings(d: dict, source) -> tuple[int, str]:
 # Hub folders
 
 
-def load_model(folder, name: str, variant: str | None = None) -> nn.Module:
-    """One component folder of a hub checkpoint (e.g. `amused-256/vqvae`) -> our model, in the file's dtype."""
+def load_model(folder, name: str, variant: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """One component folder of a hub checkpoint (e.g. `amused-256/vqvae`) -> our model, in the file's dtype (None)
+    or cast to `dtype` as it is read (read_safetensors)."""
     folder, comp = Path(folder), COMPONENTS[name]
     cfg = hub_config(folder, comp)
     path = weights_file(folder, comp.weights, variant)
-    return build(comp, cfg, read_safetensors(path), path)
+    return build(comp, cfg, read_safetensors(path, dtype), path)
 
 
-def load_hub_folder(folder, variant: str | None = None) -> Checkpoint:
-    """A hub-layout folder (fp32 files, or variant="fp16") -> Checkpoint, each model in its file's dtype."""
+def load_hub_folder(folder, variant: str | None = None, dtype: torch.dtype | None = None) -> Checkpoint:
+    """A hub-layout folder (fp32 files, or variant="fp16") -> Checkpoint, each model in its file's dtype (None)
+    or in `dtype`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
     check_hub_layout(folder)
-    models = {name: load_model(folder / name, name, variant) for name in COMPONENTS}
+    models = {name: load_model(folder / name, name, variant, dtype) for name in COMPONENTS}
     try:
         tokenizer = clip_text.CLIPTokenizer.from_folder(folder / "tokenizer")
     except (FileNotFoundError, ValueError) as e:
@@ -270,8 +308,8 @@ def config_from_json(cls, text: str, source):
         raise CheckpointError(f"{source}: bad {cls.__name__} in the metadata ({e})") from e
 
 
-def load_converted(path) -> Checkpoint:
-    """A file written by `convert` -> Checkpoint, each model in the file's dtype."""
+def load_converted(path, dtype: torch.dtype | None = None) -> Checkpoint:
+    """A file written by `convert` -> Checkpoint, each model in the file's dtype (None) or in `dtype`."""
     path = Path(path)
     try:
         with safe_open(path, framework="pt") as f:
@@ -281,7 +319,7 @@ def load_converted(path) -> Checkpoint:
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a converted amused file (metadata format {meta.get('format')!r}); "
                               f"convert a hub checkpoint with `python convert_weights.py SRC -o {path.name}`")
-    sd = read_safetensors(path)
+    sd = read_safetensors(path, dtype)
     models = {}
     for comp in COMPONENTS.values():
         cfg = config_from_json(comp.config_cls, meta.get(f"{comp.name}.config", ""), path)
@@ -298,10 +336,14 @@ def load_converted(path) -> Checkpoint:
     return ckpt
 
 
-def load_checkpoint(src, variant: str | None = None) -> Checkpoint:
-    """A converted .safetensors file, a hub-layout folder, or a hub repo id (downloaded) -> Checkpoint."""
+def load_checkpoint(src, variant: str | None = None, dtype: torch.dtype | None = None) -> Checkpoint:
+    """A converted .safetensors file, a hub-layout folder, or a hub repo id (downloaded) -> Checkpoint.
+
+    dtype None keeps each file's dtype; a dtype casts every floating tensor as it is read (read_safetensors), so that
+    the weights are never held in the file's dtype and in `dtype` at once: an fp32 file loaded as bf16 peaks at the
+    bf16 weights plus one fp32 tensor, not at 1.5x the fp32 ones. A tensor already in `dtype` is not copied."""
     path = resolve_source(str(src), variant)
-    return load_converted(path) if path.is_file() else load_hub_folder(path, variant)
+    return load_converted(path, dtype) if path.is_file() else load_hub_folder(path, variant, dtype)
 
 
 def single_file_metadata(configs: dict, tokenizer_files: dict[str, str], mask_token_id: int,
@@ -327,9 +369,10 @@ def convert(folder, out, dtype: torch.dtype | None = None, variant: str | None =
     """Write the hub checkpoint in `folder` as one safetensors file at `out`, cast to `dtype` (None: keep the
     dtype of the source files).
 
-    Holds at most the converted tensors plus one component's source tensors, then safetensors' serialisation
-    buffer: about two copies of the weights. Writes to a temporary file, then renames, so nothing half-written
-    is ever left at `out`. Returns a summary: tensors and parameters per component, bytes written."""
+    Holds the converted tensors (cast as they are read, one source tensor at a time: read_safetensors), then
+    safetensors' serialisation buffer: about two copies of the converted weights. Writes to a temporary file, then
+    renames, so nothing half-written is ever left at `out`. Returns a summary: tensors and parameters per
+    component, bytes written."""
     folder, out = Path(folder), Path(out)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
@@ -338,12 +381,9 @@ def convert(folder, out, dtype: torch.dtype | None = None, variant: str | None =
     for comp in COMPONENTS.values():
         cfg = hub_config(folder / comp.name, comp)
         path = weights_file(folder / comp.name, comp.weights, variant)
-        with torch.device("meta"):
-            model = comp.model_cls(cfg)  # only for its keys and shapes
-        sd = check_state_dict(model, read_safetensors(path), comp.ignored, path)
-        for k, t in sd.items():
-            tensors[f"{comp.name}.{k}"] = (t.to(dtype) if dtype else t).contiguous()
-        del sd
+        model = empty_model(comp, cfg)  # only for its keys and shapes
+        sd = check_state_dict(model, read_safetensors(path, dtype), comp.ignored, path)
+        tensors.update({f"{comp.name}.{k}": t.contiguous() for k, t in sd.items()})
         configs[comp.name] = cfg
         summary[comp.name] = (len(model.state_dict()), sum(p.numel() for p in model.parameters()))
     try:

@@ -700,15 +700,15 @@ def stop_on_sigterm(signum, frame):
 
 
 def main(checkpoint: str = "amused/amused-256", host: str = "127.0.0.1", port: int = 7860, device: str = "auto",
-         dtype: str = "auto", variant: str | None = None, exact: bool = True) -> None:
+         dtype: str = "auto", variant: str | None = None, exact: bool = False) -> None:
     device = cli.resolve_device(device)
-    torch_dtype = sample.resolve_dtype(dtype, device)
+    torch_dtype, dtype_shown = sample.resolve_dtype(dtype, device, exact)
     if not PAGE.is_file():
         raise UsageError(f"{PAGE}: the page is missing (it lives beside playground.py)")
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be in [0, 65535] (0: any free port), got {port}")
     settings = dict(checkpoint=checkpoint, variant=variant, device=device,
-                    dtype=next(k for k, v in DTYPES.items() if v == torch_dtype), exact=exact, host=host, port=port)
+                    dtype=dtype_shown, exact=exact, host=host, port=port)
     print("settings:\n" + "\n".join(f"  {key:<12}{value}" for key, value in settings.items()))
     warning = host_warning(host)
     if warning:

@@ -6,7 +6,7 @@
     python sample.py "a cat in the snow" --init-image cat.png --strength 0.6        # image to image
     python sample.py "a dog" --init-image cat.png --mask mask.png                   # inpainting, white = repaint
     python sample.py "a cat" --checkpoint amused-512.safetensors --device cuda --compile
-    python sample.py "a cat" --no-exact                                   # CPU: faster, not bit-exact
+    python sample.py "a cat" --exact                                      # float32, diffusers' image bit for bit
 
 --checkpoint takes a hub-layout folder, a file written by convert_weights.py, or a hub repo id, which is
 downloaded into huggingface_hub's cache on first use. --seed seeds a torch.Generator, on the CPU unless sampling on
@@ -41,6 +41,7 @@ from PIL import Image, ImageOps
 
 import amused
 import cli
+import speed
 from amused import Amused, to_pil
 from cli import DTYPES, UsageError
 from convert_weights import CheckpointError
@@ -100,11 +101,13 @@ def check_mode(init_image: str | None, mask: str | None, strength: float | None,
     return mode, strength
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    # auto: fp16 where it is fast and well supported (CUDA), fp32 elsewhere. The resolved dtype is printed.
-    if name == "auto":
-        return torch.float16 if device == "cuda" else torch.float32
-    return DTYPES[name]
+def resolve_dtype(name: str, device: str, exact: bool) -> tuple[torch.dtype, str]:
+    """--dtype -> (the torch dtype, what the settings line shows): auto says what it chose and why (speed.auto_dtype:
+    float32 with --exact, float16 on CUDA, bfloat16 on a CPU with native bf16 matmuls, else float32)."""
+    if name != "auto":
+        return DTYPES[name], name
+    dtype, why = speed.auto_dtype(torch.device(device), exact)
+    return dtype, f"{next(k for k, v in DTYPES.items() if v == dtype)} (auto: {why})"
 
 
 def resolve_generator_device(name: str, device: str) -> str:
@@ -206,17 +209,18 @@ def fit_to_model(image: Image.Image, size: int, token: int, what: str) -> Image.
 
 
 def compile_and_warm_up(pipe: Amused, job: Job, seed: int, generator: str) -> None:
-    """Every step calls the U-ViT on the same shapes, (2B, h, w) with guidance, in all three modes, so one compiled
-    graph serves every run. A short text-to-image warm-up (same batch, same guidance) compiles it and records the
-    CUDA graphs (mode="reduce-overhead", what makes compiling worth its start-up time here) before we time
+    """Every step has the same shapes, (B, h, w) tokens and the U-ViT on 2B with guidance, in all three modes, so
+    two compiled graphs (a step, and the last step, which re-masks nothing) serve every run. A short text-to-image
+    warm-up (same batch, same guidance) compiles them (and on CUDA records their CUDA graphs) before we time
     anything."""
-    pipe.transformer.compile(mode="reduce-overhead")
+    pipe.compile()
     t0 = time.perf_counter()
-    pipe(job.prompt, job.negative_prompt, steps=3, guidance_scale=job.guidance_scale,
+    pipe(job.prompt, job.negative_prompt, steps=2, guidance_scale=job.guidance_scale,
          num_images_per_prompt=job.num_images, generator=torch.Generator(generator).manual_seed(seed),
          output_type="tokens")
-    torch.cuda.synchronize()
-    print(f"compiled the U-ViT in {time.perf_counter() - t0:.1f} s (a 3-step warm-up run)", flush=True)
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"compiled the sampling step in {time.perf_counter() - t0:.1f} s (a 2-step warm-up run)", flush=True)
 
 
 def note_step_counts(job: Job, step_counts: list[int], n_tokens: int) -> None:
@@ -337,7 +341,7 @@ def main(prompt: str, checkpoint: str = "amused/amused-256", negative_prompt: st
          guidance_scale: float = 10.0, seed: int = 0, num_images: int = 1, out: str = "out.png",
          device: str = "auto", dtype: str = "auto", compile: bool = False, init_image: str | None = None,
          strength: float | None = None, mask: str | None = None, save_steps: str | None = None,
-         aesthetic_score: float = 6.0, variant: str | None = None, exact: bool = True,
+         aesthetic_score: float = 6.0, variant: str | None = None, exact: bool = False,
          generator: str = "auto") -> None:
     t_start = time.perf_counter()
 
@@ -349,21 +353,18 @@ def main(prompt: str, checkpoint: str = "amused/amused-256", negative_prompt: st
     gif_path = None if save_steps is None else check_writable(save_steps, "--save-steps", {".gif": "GIF"})
     device = cli.resolve_device(device)
     generator = resolve_generator_device(generator, device)
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype, dtype_shown = resolve_dtype(dtype, device, exact)
     image, mask_image = read_inputs(init_image, mask)
     if mode == "img2img" and strength == 1:
         # matches reference: AmusedImg2ImgPipeline masks each token with probability cos(pi/2 * step'/steps) at
         # step' = start - 1, which at strength 1 is index -1, the last step: cos(pi/2) < 0, so nothing is masked
         print("note: img2img at --strength 1 masks none of the image's tokens at the start (as in diffusers), so "
               "the output stays close to the input; use e.g. 0.99 to redo most of it")
-    if compile and device != "cuda":
-        print(f"note: --compile is for CUDA only; ignored on {device}")
-        compile = False
     settings = dict(prompt=repr(prompt), negative_prompt=repr(negative_prompt), checkpoint=checkpoint,
                     variant=variant, mode=mode, steps=",".join(map(str, step_counts)), guidance_scale=guidance_scale,
                     seed=seed, generator=generator, num_images=num_images, aesthetic_score=aesthetic_score,
                     init_image=init_image, strength=strength, mask=mask, device=device,
-                    dtype=next(k for k, v in DTYPES.items() if v == torch_dtype), compile=compile, exact=exact,
+                    dtype=dtype_shown, compile=compile, exact=exact,
                     out=out, save_steps=save_steps)
     print("settings:\n" + "\n".join(f"  {key:<16}{value}" for key, value in settings.items()))
 
@@ -400,11 +401,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
                    help="auto: cuda, else mps, else cpu")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="auto: fp16 on cuda, fp32 elsewhere; an fp16 VQ decodes in fp32 when its config says "
+                   help="auto: the fastest native precision: fp16 on cuda; on the CPU bf16 where it has AMX or "
+                        "AVX512-BF16, else fp32; fp32 with --exact. An fp16 VQ decodes in fp32 when its config says "
                         "force_upcast")
-    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=True,
-                   help="on the CPU, the reference's kernels: fp32 output equal to diffusers' bit for bit; "
-                        "--no-exact uses oneDNN matmuls (~1.2x faster, logits ~1e-6 off diffusers')")
+    p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=False,
+                   help="the reference's kernels (and fp32 with --dtype auto): on the CPU, output equal to diffusers' "
+                        "bit for bit. Default: the fastest kernels (oneDNN fp32 matmuls)")
 
 
 if __name__ == "__main__":
@@ -422,7 +424,8 @@ if __name__ == "__main__":
     p.add_argument("--aesthetic-score", type=float, default=6.0, help="micro-conditioning aesthetic score")
     p.add_argument("--out", default="out.png", help="output image; a grid when there are several images")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the U-ViT (CUDA only; ignored with a note elsewhere)")
+                   help="torch.compile the whole sampling step (CUDA: with CUDA graphs); compiling takes tens of "
+                        "seconds, and on the CPU gains little")
     p.add_argument("--init-image", default=None,
                    help="start from this image (image to image); scaled and centre-cropped to the model's size")
     p.add_argument("--strength", type=float, default=None,

@@ -19,7 +19,7 @@ score 6. Images that cannot be read are skipped with a warning, when the run sta
 Objective (MUSE, Chang et al. 2023, §2.1-2.2; aMUSEd, Patil et al. 2024, §3; diffusers examples/amused/
 train_amused.py): the frozen VQGAN turns each image into a grid of token ids; a fraction mask_ratio(t), t ~ U(0, 1),
 of them is replaced by the mask id, at least one, using the sampler's schedule function (amused.training_mask_count
-beside amused.sampling_mask_count); the U-ViT is trained with cross-entropy on the masked positions only, given the
+beside amused.sampling_mask_counts); the U-ViT is trained with cross-entropy on the masked positions only, given the
 frozen CLIP text encoder's embedding of the caption or, with probability --prompt-dropout, of the empty prompt (what
 classifier-free guidance needs).
 

@@ -14,7 +14,8 @@ import torch
 from PIL import Image, ImageOps
 
 import sample
-from amused import Amused, mask_ratio, sampling_mask_count, to_pil, training_mask_count
+import speed
+from amused import Amused, mask_ratio, sampling_mask_counts, to_pil, training_mask_count
 from cli import atomic_write, image_grid
 
 SCALE = 8  # on-page pixels per image pixel
@@ -75,28 +76,20 @@ def masked_training_example(pipe: Amused, image: torch.Tensor, path: Path, seed:
 
 def schedule_table(steps: int = 12) -> str:
     """How many of 64 (our digits) and 256 (amused-256) tokens stay masked after each of 12 steps, as the sampler
-    computes it in float32 (sampling_mask_count), against the same in float64."""
+    computes it in float32 (sampling_mask_counts), against the same in float64."""
     rows = ["| after step k | cos(pi/2 x k/12), float32 | masked, of 64 | of 256 | of 256, in float64 |",
             "|---|---|---|---|---|"]
+    of_64, of_256 = sampling_mask_counts(steps, 64).tolist(), sampling_mask_counts(steps, 256).tolist()
     for step in range(steps):
         ratio = mask_ratio(torch.tensor(step + 1) / steps).item()
         f64 = 0 if step == steps - 1 else math.floor(256 * math.cos(math.pi / 2 * (step + 1) / steps))
-        f32 = sampling_mask_count(step, steps, 256)
-        f32_cell = f"**{f32}**" if f32 != f64 else str(f32)
-        rows.append(f"| {step + 1} | {ratio:.8f} | {sampling_mask_count(step, steps, 64)} | {f32_cell} | {f64} |")
+        f32_cell = f"**{of_256[step]}**" if of_256[step] != f64 else str(of_256[step])
+        rows.append(f"| {step + 1} | {ratio:.8f} | {of_64[step]} | {f32_cell} | {f64} |")
     return "\n".join(rows)
 
 
 def cpu_name() -> str:
-    """The CPU's model name and the ISA features that matter for speed, from /proc/cpuinfo (Linux)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    features = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({', '.join(features) or 'no AVX2'}), {torch.get_num_threads()} threads"
+    return f"{speed.cpu_description()}, {torch.get_num_threads()} threads"
 
 
 def draw(pipe: Amused, run_dir: Path, folder: Path, train_images: torch.Tensor, results: dict,
@@ -160,7 +153,7 @@ Generation starts from a grid where every token is masked. At each of 12 steps t
 a token is drawn at every masked one, and the most confident of those are kept while the rest are masked again
 (their confidence is the token's log-probability plus Gumbel noise whose temperature falls from 2 to 0:
 randomness early, greed late). How many stay masked after each step follows the cosine schedule, computed in float32 exactly
-as diffusers' `AmusedScheduler` does (`amused.sampling_mask_count`). Rounding matters: after step 8,
+as diffusers' `AmusedScheduler` does (`amused.sampling_mask_counts`). Rounding matters: after step 8,
 cos(pi/2 x 8/12) is 0.49999997 in float32, so 127 of amused-256's 256 tokens stay masked where float64 would keep
 128; we reproduce it, so that the same seed gives the same tokens as diffusers.
 

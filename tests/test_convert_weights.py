@@ -136,6 +136,97 @@ def test_nothing_half_written_when_saving_fails(tiny_hub, tmp_path, monkeypatch)
 
 
 # ----------------------------------------------------------------------------------------------------
+# Loading in another dtype: cast as each tensor is read, never staged in the file's dtype
+
+
+@pytest.mark.parametrize("source, dtype", [("hub", torch.bfloat16), ("fp32 file", torch.bfloat16),
+                                           ("bf16 file", None), ("bf16 file", torch.bfloat16)])
+def test_loading_casts_to_the_dtype_asked_for(tiny_hub, tmp_path, source, dtype):
+    """Every floating tensor ends in bf16, equal to the fp32 source tensor cast: asked for (dtype), or as the bf16
+    file stores it (None: no upcast)."""
+    path = tiny_hub
+    if source != "hub":
+        path = tmp_path / "tiny.safetensors"
+        cw.convert(tiny_hub, path, torch.bfloat16 if source == "bf16 file" else None)
+    ckpt = cw.load_checkpoint(path, dtype=dtype)
+    assert_same_tensors(ckpt, tiny_hub, dtype=torch.bfloat16)  # parameters and buffers: the models have no others
+
+
+def test_a_cast_keeps_integer_tensors(tmp_path):
+    path = tmp_path / "mixed.safetensors"
+    save_file({"weight": torch.randn(3, 4), "half": torch.randn(2).bfloat16(), "ids": torch.arange(5)}, path)
+    sd = cw.read_safetensors(path, torch.bfloat16)
+    assert [sd[k].dtype for k in ("weight", "half", "ids")] == [torch.bfloat16, torch.bfloat16, torch.int64]
+    assert torch.equal(sd["ids"], torch.arange(5))
+
+
+# A U-ViT of ~72M parameters (275 MiB in fp32): large enough that the weights, not the interpreter, decide how much
+# the RSS grows while loading; its largest tensor (the GEGLU input projection, 22 MiB) is a twelfth of it.
+MEDIUM_UVIT = dict(hidden_size=1024, num_hidden_layers=3, intermediate_size=2816, num_attention_heads=16)
+
+# In a fresh interpreter: the growth of the peak RSS over a load in bf16 (bytes), and the bytes of bf16 weights
+# loaded. The baseline is taken after the imports, so the interpreter and torch are not counted; nor is
+# torch._dynamo imported (70 MB; see convert_weights.SkipNormalInit). VmHWM, not ru_maxrss: Linux starts a
+# child's ru_maxrss at its parent's peak (here pytest's, which is larger).
+MEASURE_LOAD = """
+import sys, torch
+import convert_weights as cw
+def peak_rss():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) * 1024
+before = peak_rss()
+ckpt = cw.load_checkpoint(sys.argv[1], dtype=torch.bfloat16)
+growth = peak_rss() - before
+loaded = [t for name in cw.COMPONENTS for t in getattr(ckpt, name).state_dict().values()]
+assert all(t.dtype == torch.bfloat16 for t in loaded)
+assert "torch._dynamo" not in sys.modules
+print(growth, sum(t.nbytes for t in loaded))
+"""
+
+
+@pytest.fixture(scope="module")
+def medium_checkpoint(tiny_hub, tmp_path_factory):
+    """The tiny hub folder with a MEDIUM_UVIT transformer of random fp32 weights, and its fp32 and bf16 conversions."""
+    import uvit
+
+    folder = shutil.copytree(tiny_hub, tmp_path_factory.mktemp("medium") / "hub")
+    part = folder / "transformer"
+    (part / "diffusion_pytorch_model.fp16.safetensors").unlink()  # the tiny one's; it no longer fits the config
+    config = json.loads((part / "config.json").read_text())
+    (part / "config.json").write_text(json.dumps({**config, **MEDIUM_UVIT}))
+    torch.manual_seed(0)
+    save_file(uvit.UViT(cw.hub_config(part, cw.COMPONENTS["transformer"])).state_dict(),
+              part / "diffusion_pytorch_model.safetensors")
+    files = {"hub": folder, "fp32 file": folder.parent / "fp32.safetensors",
+             "bf16 file": folder.parent / "bf16.safetensors"}
+    cw.convert(folder, files["fp32 file"])
+    cw.convert(folder, files["bf16 file"], torch.bfloat16)
+    return files
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the peak RSS from Linux's /proc")
+@pytest.mark.parametrize("source", ["hub", "fp32 file", "bf16 file"])
+def test_loading_in_bf16_never_holds_the_fp32_weights(medium_checkpoint, source):
+    """Cast as read, the RSS grows by the bf16 weights (W/2, for W bytes of fp32 weights) plus one fp32 tensor
+    (W/12 here) at a time. Staged in fp32 first (safetensors.load_file, then .to), it grows by at least W: the
+    file's pages stay mapped until its last tensor is freed, so all of them are resident beside the casts (1.5 W).
+    The bound W/2 + W/4 leaves room for the largest tensor and the allocator, and none for a staging copy. A bf16
+    file has nothing to cast: its tensors view the mapped file, and nothing is read before it is used."""
+    files = medium_checkpoint["hub"].glob("*/*.safetensors")
+    fp32 = sum(f.stat().st_size for f in files if ".fp16." not in f.name)  # W; the headers are a few KiB
+    r = subprocess.run([sys.executable, "-c", MEASURE_LOAD, str(medium_checkpoint[source])], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    growth, bf16 = map(int, r.stdout.split())
+    print(f"{source}: fp32 weights {fp32 / 2**20:.0f} MiB, loaded {bf16 / 2**20:.0f} MiB of bf16, "
+          f"peak RSS growth {growth / 2**20:.0f} MiB")
+    assert abs(bf16 - fp32 / 2) < 0.01 * fp32  # every weight was loaded
+    if source == "bf16 file":
+        assert growth < 0.1 * bf16
+    else:
+        assert bf16 * 0.9 < growth < 0.75 * fp32  # the lower bound: the measure is not vacuous
+
+
+# ----------------------------------------------------------------------------------------------------
 # Download, against a stand-in for the hub on 127.0.0.1 (huggingface_hub honours HF_ENDPOINT)
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"

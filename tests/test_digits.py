@@ -101,3 +101,19 @@ def test_diversity_catches_a_collapsed_model():
     honest = digits.judge_samples(judge, real, real_labels, x_test, y_test)
     assert collapsed["accuracy"] == 1.0 and collapsed["diversity"] == 0.0
     assert abs(honest["diversity"] - 1.0) < 1e-9 and honest["accuracy"] > 0.95
+
+
+def test_digits_precision_judges_each_precision(quick_run):
+    """examples/digits_precision.py on the quick model: each precision drawn and judged from the same seed; fp32
+    (exact) is its own baseline, and bf16 draws other tokens only where its rounding changes a choice."""
+    import digits_precision
+
+    out, _ = quick_run
+    results = digits_precision.main(str(out / "model.safetensors"), ["fp32", "bf16"], per_class=2)
+    for guidance in digits_precision.GUIDANCES:
+        assert results["fp32"][guidance]["tokens_equal_to_fp32"] == 1.0
+        if isinstance(results["bf16"], dict):
+            assert 0 <= results["bf16"][guidance]["accuracy"] <= 1
+            assert 0 < results["bf16"][guidance]["tokens_equal_to_fp32"] <= 1
+    with pytest.raises(digits.cli.UsageError, match="no such file"):
+        digits_precision.main(str(out / "missing.safetensors"), ["fp32"])

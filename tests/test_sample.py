@@ -73,7 +73,8 @@ def files(tmp_path_factory, tiny_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def pipe(files):
-    return Amused.from_pretrained(files["hub"])
+    """The pipeline as sample.py builds it by default: --dtype auto, without --exact."""
+    return Amused.from_pretrained(files["hub"], dtype="auto", exact=False)
 
 
 def seeded(seed=0):
@@ -89,7 +90,7 @@ def cli_cases(files):
     root = files["root"]
     offline = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(root / "hf-home")}
     return {
-        "text_to_image": ([PROMPT, "--steps", "3", "--device", "cpu", "--compile", "--out", str(root / "cli.png")], {}),
+        "text_to_image": ([PROMPT, "--steps", "3", "--device", "cpu", "--out", str(root / "cli.png")], {}),
         "init_34x34": ([PROMPT, "--steps", "2", "--init-image", files["init34"], "--out", str(root / "cli34.png")], {}),
         "steps_0": ([PROMPT, "--steps", "0"], {}),
         "steps_not_ints": ([PROMPT, "--steps", "a,b"], {}),
@@ -130,14 +131,15 @@ def test_cli_text_to_image_equals_pipeline(cli, files, pipe):
     out = files["root"] / "cli.png"
     assert_same_image(Image.open(out), pipe(PROMPT, generator=seeded(0), steps=3)[0], "CLI vs pipeline")
     assert not list(files["root"].glob(".*.tmp")), "a temporary file was left behind"
-    # --compile is for CUDA: on the CPU it is ignored with a note
-    assert "note: --compile is for CUDA only; ignored on cpu" in r.stdout
 
 
 def test_cli_prints_settings_once_and_progress_per_step(cli):
     r = cli["text_to_image"]
     assert r.stdout.count("settings:") == 1, r.stdout
-    assert re.search(r"^  device +cpu$", r.stdout, re.M) and re.search(r"^  dtype +fp32$", r.stdout, re.M)
+    assert re.search(r"^  device +cpu$", r.stdout, re.M)
+    dtype, why = speed.auto_dtype(torch.device("cpu"), exact=False)  # bf16 where the CPU has native bf16 matmuls
+    shown = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    assert re.search(rf"^  dtype +{shown} \(auto: {re.escape(why)}\)$", r.stdout, re.M), "what auto chose, and why"
     assert re.search(r"^  compile +False$", r.stdout, re.M), "the resolved compile setting"
     assert re.search(r"^  generator +cpu$", r.stdout, re.M), "--generator auto on the CPU"
     steps = [tuple(map(int, m)) for m in PROGRESS.findall(r.stdout)]
@@ -281,17 +283,31 @@ def test_img2img_equals_pipeline(files, pipe, capsys):
     assert [m[:2] for m in PROGRESS.findall(printed)] == [("3", "4"), ("4", "4")], printed
 
 
-@pytest.mark.skipif(not speed.onednn_available(), reason="this PyTorch build has no oneDNN")
-def test_no_exact_runs_the_inexact_pipeline(files, capsys, monkeypatch):
-    """--no-exact loads Amused(exact=False) and gives what it gives; that mode's own checks are in test_amused.py."""
+def test_exact_runs_the_reference_fp32_pipeline(files, capsys, monkeypatch):
+    """--exact (with --dtype auto) loads Amused(dtype=float32, exact=True), the pipeline whose output equals
+    diffusers' bit for bit (test_amused.py), and says so in the settings."""
     seen, load = {}, Amused.from_pretrained
     monkeypatch.setattr(Amused, "from_pretrained", lambda *args, **kwargs: seen.update(kwargs) or load(*args, **kwargs))
-    out = files["root"] / "inexact.png"
-    sample.main(PROMPT, checkpoint=files["hub"], steps="3", out=str(out), exact=False)
-    assert seen["exact"] is False
-    assert re.search(r"^  exact +False$", capsys.readouterr().out, re.M)
-    fast = Amused.from_pretrained(files["hub"], exact=False)
-    assert_same_image(Image.open(out), fast(PROMPT, generator=seeded(0), steps=3)[0], "--no-exact")
+    out = files["root"] / "exact.png"
+    sample.main(PROMPT, checkpoint=files["hub"], steps="3", out=str(out), exact=True)
+    assert seen["exact"] is True and seen["dtype"] == torch.float32
+    printed = capsys.readouterr().out
+    assert re.search(r"^  exact +True$", printed, re.M)
+    assert re.search(r"^  dtype +fp32 \(auto: exact: the reference's float32\)$", printed, re.M)
+    exact = Amused.from_pretrained(files["hub"])
+    assert_same_image(Image.open(out), exact(PROMPT, generator=seeded(0), steps=3)[0], "--exact")
+
+
+def test_compile_compiles_the_step_and_warms_up(files, capsys, monkeypatch):
+    """--compile calls Amused.compile before the timed runs and warms up with the job's batch and guidance.
+    (Compiling itself is tested in test_speed.py; here a stand-in keeps this test fast.)"""
+    calls = []
+    monkeypatch.setattr(Amused, "compile", lambda self: calls.append(("compile", self.step_fn)))
+    out = files["root"] / "compiled.png"
+    sample.main(PROMPT, checkpoint=files["hub"], steps="2", out=str(out), compile=True)
+    printed = capsys.readouterr().out
+    assert calls == [("compile", amused.sampling_step)] and re.search(r"^  compile +True$", printed, re.M)
+    assert re.search(r"^compiled the sampling step in \d+\.\d s \(a 2-step warm-up run\)$", printed, re.M)
 
 
 def test_other_sizes_are_scaled_and_centre_cropped(files, pipe, tmp_path, capsys):

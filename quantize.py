@@ -1,0 +1,206 @@
+"""quantize.py: int8 weights and activations (W8A8) for the U-ViT's linear layers, kept apart from the model.
+
+A linear layer y = x W^T (no bias: the U-ViT's have none) becomes
+    y ~= sx * sw * (qx @ qw^T),    qx = round(x / sx),  qw = round(W / sw),  both int8 in [-127, 127],
+with sw (out,) one scale per output channel, computed once from the weights, and sx one scale per token (row of
+x), computed at run time from the activations; both symmetric, scale = absmax / 127. torch._int_mm multiplies
+the int8 matrices with int32 accumulation, which is exact, so the only errors are the roundings of x and W to
+their grids, and then the float32 rescale. Per output element (tests/test_quantize.py checks it):
+    |y^ - y| <= sum_k (sx/2 |W_k| + sw/2 |x_k| + sx sw/4)  (+ 2^-15 of that, + 2^-22 |y^|: float32 roundings)
+
+Weights take a quarter of their float32 memory; on CPUs with AVX512-VNNI the int8 matmul runs at ~2x bf16's and
+~4x float32's throughput. Everything other than the chosen linears (convolutions, norms, attention's softmax and
+its products, the sampler) stays in the model's float dtype.
+
+    import quantize
+    quantize.quantize_(pipe.transformer)       # in place; KEEP_FLOAT says which linears stay float, and why
+
+An int8 state dict has, for each quantised linear `<name>`, `<name>.weight` (int8, (out, in), the shape of the
+float weight) and `<name>.weight_scale` (float32, (out,)); `prepare_int8_` turns a float model into the shape
+such a state dict loads into.
+"""
+import fnmatch
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+QMAX = 127  # symmetric: -128 is never used, so that negating a value never overflows and the grid is centred
+
+UNAVAILABLE = ("int8 needs torch._int_mm, PyTorch's int8 x int8 -> int32 matmul, on {device}, and this PyTorch "
+               "({version}) does not run it there: run int8 on the CPU or CUDA, or load the model in a float "
+               "dtype (float32, bfloat16) instead")
+
+# The U-ViT's nn.Linear modules that stay in float (fnmatch patterns over module names), and why.
+KEEP_FLOAT = {
+    # uvit.UViT.encode_conditions reads the model's float dtype from this weight; it runs once per prompt.
+    "encoder_proj": "the model's float dtype is read from its weight; runs once per prompt",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _int_mm_runs(device: str) -> bool:
+    try:
+        a = torch.full((17, 8), -QMAX, dtype=torch.int8, device=device)  # 17 rows: CUDA's kernel needs M > 16
+        b = torch.full((8, 8), QMAX, dtype=torch.int8, device=device)
+        return bool((torch._int_mm(a, b) == -8 * QMAX * QMAX).all())
+    except (AttributeError, RuntimeError, NotImplementedError):  # no such op; no kernel for this device
+        return False
+
+
+def int8_available(device: torch.device | str = "cpu") -> bool:
+    """Whether torch._int_mm exists in this PyTorch and gives the right answer on `device` (tried once)."""
+    return _int_mm_runs(str(torch.device(device)))
+
+
+def check(device: torch.device | str) -> None:
+    """ValueError, saying what to do instead, unless int8 matmuls run on `device`. quantize_ calls it; a loader of
+    int8 weights (prepare_int8_), which may build on the meta device, calls it for the device the model will run on."""
+    if not int8_available(device):
+        raise ValueError(UNAVAILABLE.format(device=torch.device(device), version=torch.__version__))
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per row: (M, K) float -> (M, K) int8, (M, 1) float32 scale = absmax / 127."""
+    x = x.float()
+    # an all-zero row gets the tiniest positive scale instead of 0: its values quantise to 0 rather than 0/0 = NaN
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / QMAX
+    return (x / scale).round_().clamp_(-QMAX, QMAX).to(torch.int8), scale
+
+
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear weight (out, in) float -> int8 (out, in) and float32 scales (out,), one per output channel.
+
+    Kept in nn.Linear's (out, in) layout, which torch._int_mm reads as a transposed (in, out) view: on the AMD EPYC
+    we measured (oneDNN, 1 and 2 threads) it as fast as a contiguous (in, out) copy, within +-5% either way."""
+    q, scale = quantize_rows(w)
+    return q, scale[:, 0]
+
+
+def int8_matmul(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """qx @ qw^T exactly: (M, K) int8, (N, K) int8 -> (M, N) int32."""
+    M = qx.shape[0]
+    # CUDA's kernel (cuBLASLt) refuses M <= 16; the CPU's takes any M. The only calls this small are the
+    # once-per-prompt ones at batch size rows, so zero rows cost nothing worth a device-dependent branch.
+    if M <= 16:
+        qx = F.pad(qx, (0, 0, 0, 17 - M))
+    return torch._int_mm(qx, qw.t())[:M]
+
+
+class Int8Linear(nn.Module):
+    """A bias-free nn.Linear with int8 weights, and activations quantised to int8 per token at run time.
+
+    With smoothing (SmoothQuant, Xiao et al. 2023, arXiv 2211.10438), x / s is quantised instead of x and W * s
+    instead of W, for a per-input-channel s (`smooth`): the product is the same, but s moves the spread of the
+    activations' channels, which per-token scales cannot follow, into the weights, which have a scale per output."""
+
+    def __init__(self, in_features: int, out_features: int, smoothed: bool = False, device=None):
+        super().__init__()
+        # CUDA's int8 kernel wants K and N multiples of 8; every U-ViT linear has them (so does every config we
+        # know), and refusing others here keeps an int8 model portable between devices.
+        if in_features % 8 or out_features % 8:
+            raise ValueError(f"Int8Linear needs in_features and out_features multiples of 8, got {in_features}, "
+                             f"{out_features}; keep this layer in float")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        smooth = torch.ones(in_features, dtype=torch.float32, device=device) if smoothed else None
+        self.register_buffer("smooth", smooth)  # None: not in the state dict
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, act_absmax: torch.Tensor | None = None,
+                    alpha: float = 0.5) -> "Int8Linear":
+        """act_absmax (in_features,): max |x| per input channel over calibration inputs (calibrate); given, the
+        layer is smoothed with s = act_absmax^alpha / max|W|^(1 - alpha) per input channel."""
+        if linear.bias is not None:
+            raise ValueError("Int8Linear has no bias; the U-ViT's linears have none")
+        m = cls(linear.in_features, linear.out_features, act_absmax is not None, device=linear.weight.device)
+        w = linear.weight.detach().float()
+        if act_absmax is not None:
+            m.smooth = smoothing(act_absmax.float(), w.abs().amax(dim=0), alpha)
+            w = w * m.smooth
+        m.weight, m.weight_scale = quantize_weight(w)
+        return m
+
+    def forward(self, x):  # (..., in_features) -> (..., out_features), in x's dtype
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.smooth is not None:
+            x2 = x2.float() / self.smooth
+        qx, sx = quantize_rows(x2)  # (M, K) int8, (M, 1)
+        acc = int8_matmul(qx, self.weight)  # (M, N) int32
+        # The scale is float32 whatever the model dtype: int32 sums reach 2^25 (K = 2816), past bf16's 8 bits.
+        y = acc.float().mul_(sx).mul_(self.weight_scale.float())  # (M, N) float32
+        return y.to(x.dtype).view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8" + (
+            ", smoothed" if self.smooth is not None else "")
+
+
+def smoothing(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel s = max|x|^alpha / max|W|^(1 - alpha), (K,) float32. A channel that was
+    never active in calibration (or has zero weights) keeps s = 1: a tiny s would blow up its first real input."""
+    s = act_absmax.clamp(min=1e-5) ** alpha / w_absmax.clamp(min=1e-5) ** (1 - alpha)
+    return torch.where((act_absmax > 0) & (w_absmax > 0), s, torch.ones_like(s))
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, run) -> dict[str, torch.Tensor]:
+    """{name: max |x| per input channel (in_features,)} of every nn.Linear of `model`, over the inputs it sees
+    while `run()` runs (a few prompts' generations): what quantize_ needs to smooth."""
+    absmax = {}
+
+    def record(name):
+        def hook(module, args, out):
+            a = args[0].detach().reshape(-1, module.in_features).abs().amax(dim=0).float()
+            absmax[name] = torch.maximum(absmax[name], a) if name in absmax else a
+        return hook
+
+    hooks = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return absmax
+
+
+def keeps_float(name: str, keep: dict | tuple = KEEP_FLOAT) -> bool:
+    """Whether module `name` matches one of the patterns of `keep`."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in keep)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
+
+
+def quantize_(model: nn.Module, keep: dict | tuple = KEEP_FLOAT, act_absmax: dict | None = None,
+              alpha: float = 0.5) -> list[str]:
+    """Replace, in place, every nn.Linear of `model` whose name matches no pattern of `keep` by an Int8Linear,
+    smoothed when `act_absmax` (calibrate's result) is given; returns their names. ValueError if int8 matmuls do
+    not run on the model's device, or if calibration never saw one of the layers."""
+    check(next(model.parameters()).device)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not keeps_float(n, keep)]
+    unseen = [n for n in names if act_absmax is not None and n not in act_absmax]
+    if unseen:
+        raise ValueError(f"calibration never ran {unseen[:3]}: calibrate with a run that calls every layer")
+    for name in names:
+        absmax = act_absmax[name] if act_absmax is not None else None
+        _replace(model, name, Int8Linear.from_linear(model.get_submodule(name), absmax, alpha))
+    return names
+
+
+def prepare_int8_(model: nn.Module, state_dict: dict) -> list[str]:
+    """Before loading an int8 state dict: every nn.Linear `<name>` of `model` whose `<name>.weight_scale` is in
+    `state_dict` becomes an (empty) Int8Linear, smoothed if `<name>.smooth` is there too, so that
+    load_state_dict(state_dict, strict=True) fills it. Returns their names. Works on the meta device; call
+    check(device) for the device the model will run on."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.weight_scale" in state_dict]
+    for name in names:
+        linear = model.get_submodule(name)
+        _replace(model, name, Int8Linear(linear.in_features, linear.out_features, f"{name}.smooth" in state_dict,
+                                         device=linear.weight.device))
+    return names
