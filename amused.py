@@ -27,6 +27,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 import clip_text
+import quantize
 import speed
 import uvit
 import vqgan
@@ -341,12 +342,19 @@ class Amused:
     """
 
     def __init__(self, ckpt: Checkpoint, device="cpu", dtype: torch.dtype | str = torch.float32, exact: bool = True):
-        """dtype: a torch dtype, or "auto": the fastest precision the device runs natively (speed.auto_dtype; float32
-        when exact). exact: on the CPU, run every operation as the reference does, so that float32 tokens and images
-        equal diffusers' bit for bit; exact=False is faster there, and not bit-exact (speed.py)."""
+        """dtype: a torch dtype; "auto": the fastest precision the device runs natively (speed.auto_dtype; float32
+        when exact); "int8": the U-ViT's linear layers in int8 (quantize.py), the rest as "auto". A checkpoint whose
+        U-ViT is int8 already (convert_weights.py --dtype int8) stays so. exact: on the CPU, run every operation as
+        the reference does, so that float32 tokens and images equal diffusers' bit for bit; exact=False is faster
+        there, and not bit-exact (speed.py)."""
         device = torch.device(device)
         speed.check(device, exact)
-        dtype, self.dtype_reason = speed.auto_dtype(device, exact) if dtype == "auto" else (dtype, "asked for")
+        dtype, int8, self.dtype_reason = speed.resolve_dtype(dtype, device, exact)
+        self.int8 = int8 or quantize.is_int8(ckpt.transformer)
+        if self.int8:
+            quantize.check(device)  # a clear error, before anything moves, where int8 matmuls do not run
+        if int8 and not quantize.is_int8(ckpt.transformer):
+            quantize.quantize_(ckpt.transformer)  # from the checkpoint's weights, before a cast to dtype
         self.tokenizer: clip_text.CLIPTokenizer = ckpt.tokenizer
         self.text_encoder: clip_text.CLIPTextEncoder = ckpt.text_encoder.to(device, dtype)
         self.transformer: uvit.UViT = ckpt.transformer.to(device, dtype)
@@ -361,9 +369,10 @@ class Amused:
     def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | str = torch.float32, variant: str | None = None,
                         exact: bool = True):
         """path: a hub-layout folder, a file written by convert_weights.py, or a hub repo id (downloaded). The
-        weights are cast to `dtype` as they are read: never held in the file's dtype and in `dtype` at once."""
-        cast = speed.auto_dtype(torch.device(device), exact)[0] if dtype == "auto" else dtype
-        return cls(load_checkpoint(path, variant, cast), device, dtype, exact)
+        weights are cast to `dtype` as they are read (int8: quantised as read): never held in the file's dtype and
+        in `dtype` at once."""
+        cast, int8, _ = speed.resolve_dtype(dtype, torch.device(device), exact)
+        return cls(load_checkpoint(path, variant, cast, int8), device, dtype, exact)
 
     def compile(self) -> None:
         """From the next call on, sample with the whole step compiled (speed.compile_step). The first call of each

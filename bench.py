@@ -21,6 +21,7 @@ import argparse
 import copy
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -133,6 +134,14 @@ def bench_model(preset, batch, device, dtypes, compile, steps, repeats, warmup) 
     return rows
 
 
+def memory_table() -> str:
+    """bench/memory.py's table (peak RSS of sample.py and of diffusers' pipeline, load to PNG), run as a child."""
+    print("measuring peak memory (bench/memory.py) ...", flush=True)
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "memory.py")], capture_output=True, text=True,
+                         check=True).stdout
+    return "Peak memory, amused-256, 2 steps, load to PNG. Machine: " + out[out.index("\n\n"):].strip() + "\n\n"
+
+
 def machine(device: str) -> str:
     desc = f"{speed.cpu_description()}, {torch.get_num_threads()} threads"
     if device == "cuda":
@@ -145,6 +154,8 @@ def main(models, batch_sizes, devices, dtypes, compile, steps, repeats, warmup, 
             f"warm-up\n\n")
     header = ("| model | run | ms/image, median (min-max) | against diffusers' best | tokens equal to diffusers "
               "fp32 |\n|---|---|---|---|---|")
+    if memory:  # first, while this process is small: a child's peak RSS reading starts from its parent's
+        text += memory_table()
     for device in devices:
         rows = []
         for preset in models:
@@ -152,11 +163,6 @@ def main(models, batch_sizes, devices, dtypes, compile, steps, repeats, warmup, 
                 print(f"running {preset} batch {batch} on {device} ...", flush=True)
                 rows += bench_model(preset, batch, device, dtypes, compile, steps, repeats, warmup)
         text += f"Machine: {machine(device)}\n\n{header}\n" + "\n".join(rows) + "\n\n"
-    if memory:
-        sys.path.insert(0, str(ROOT / "bench"))
-        import memory as memory_bench
-
-        text += memory_bench.table(models) + "\n\n"
     print(text)
     if results:
         with open(results, "a") as f:

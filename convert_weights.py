@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 import cli
 import clip_text
+import quantize
 import uvit
 import vqgan
 
@@ -104,9 +105,10 @@ def weights_file(folder: Path, stem: str, variant: str | None) -> Path:
     return path
 
 
-def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, dtype: torch.dtype | None = None, int8: frozenset = frozenset()) -> dict[str, torch.Tensor]:
     """Every tensor of the file, each floating one not already in `dtype` cast to it as it is read (None: all as
-    stored).
+    stored); the weights named in `int8` quantised as they are read (quantize.quantize_weight: "<key>" int8 and
+    "<key>_scale" float32, an Int8Linear's buffers). The float32 scales of an int8 file are never cast.
 
     A tensor kept as stored views the memory-mapped file: nothing is copied, and a page is read only when first
     touched (text to image never touches the VQ encoder's). One to cast is read with pread(2) into a buffer of its
@@ -117,7 +119,12 @@ def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, 
         with safe_open(path, framework="pt") as mapped, safe_open(path, framework="pt", backend="pread") as unmapped:
             for k in mapped.offset_keys():
                 t = mapped.get_tensor(k)  # a view of the mapping: nothing read yet
-                sd[k] = unmapped.get_tensor(k).to(dtype) if needs_cast(t, dtype) else t
+                if k in int8:
+                    sd[k], sd[k + "_scale"] = quantize.quantize_weight(unmapped.get_tensor(k))
+                elif needs_cast(t, dtype) and not k.endswith(quantize.FLOAT32_BUFFERS):
+                    sd[k] = unmapped.get_tensor(k).to(dtype)
+                else:
+                    sd[k] = t
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated, download it again") from e
     return sd
@@ -187,8 +194,10 @@ def empty_model(comp: Component, cfg) -> nn.Module:
 
 
 def build(comp: Component, cfg, sd: dict[str, torch.Tensor], source) -> nn.Module:
-    """Our model for `cfg`, holding exactly the tensors of `sd` (no copy: they are assigned, in their dtype)."""
+    """Our model for `cfg`, holding exactly the tensors of `sd` (no copy: they are assigned, in their dtype). A
+    linear whose "<name>.weight_scale" is in `sd` becomes an int8 layer (quantize.Int8Linear)."""
     model = empty_model(comp, cfg)  # no point allocating and initialising weights we are about to replace
+    quantize.prepare_int8_(model, sd)
     model.load_state_dict(check_state_dict(model, sd, comp.ignored, source), strict=True, assign=True)
     assert not any(t.is_meta for t in model.state_dict().values()), "a non-persistent buffer was left on meta"
     return model.eval().requires_grad_(False)
@@ -226,23 +235,32 @@ def scheduler_settings(d: dict, source) -> tuple[int, str]:
 # Hub folders
 
 
-def load_model(folder, name: str, variant: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+def int8_keys(comp: Component, cfg, prefix: str = "") -> frozenset:
+    """The weight keys that int8 loading quantises: those of the U-ViT's quantize.int8_names, none elsewhere."""
+    if comp.name != "transformer":
+        return frozenset()
+    return frozenset(f"{prefix}{name}.weight" for name in quantize.int8_names(empty_model(comp, cfg)))
+
+
+def load_model(folder, name: str, variant: str | None = None, dtype: torch.dtype | None = None,
+               int8: bool = False) -> nn.Module:
     """One component folder of a hub checkpoint (e.g. `amused-256/vqvae`) -> our model, in the file's dtype (None)
-    or cast to `dtype` as it is read (read_safetensors)."""
+    or cast to `dtype` as it is read (read_safetensors); with int8, the U-ViT's linears quantised as read."""
     folder, comp = Path(folder), COMPONENTS[name]
     cfg = hub_config(folder, comp)
     path = weights_file(folder, comp.weights, variant)
-    return build(comp, cfg, read_safetensors(path, dtype), path)
+    return build(comp, cfg, read_safetensors(path, dtype, int8_keys(comp, cfg) if int8 else frozenset()), path)
 
 
-def load_hub_folder(folder, variant: str | None = None, dtype: torch.dtype | None = None) -> Checkpoint:
+def load_hub_folder(folder, variant: str | None = None, dtype: torch.dtype | None = None,
+                    int8: bool = False) -> Checkpoint:
     """A hub-layout folder (fp32 files, or variant="fp16") -> Checkpoint, each model in its file's dtype (None)
-    or in `dtype`."""
+    or in `dtype`; with int8, the U-ViT's linears quantised as they are read."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
     check_hub_layout(folder)
-    models = {name: load_model(folder / name, name, variant, dtype) for name in COMPONENTS}
+    models = {name: load_model(folder / name, name, variant, dtype, int8) for name in COMPONENTS}
     try:
         tokenizer = clip_text.CLIPTokenizer.from_folder(folder / "tokenizer")
     except (FileNotFoundError, ValueError) as e:
@@ -308,8 +326,9 @@ def config_from_json(cls, text: str, source):
         raise CheckpointError(f"{source}: bad {cls.__name__} in the metadata ({e})") from e
 
 
-def load_converted(path, dtype: torch.dtype | None = None) -> Checkpoint:
-    """A file written by `convert` -> Checkpoint, each model in the file's dtype (None) or in `dtype`."""
+def load_converted(path, dtype: torch.dtype | None = None, int8: bool = False) -> Checkpoint:
+    """A file written by `convert` -> Checkpoint, each model in the file's dtype (None) or in `dtype`; the
+    U-ViT's linears int8 if the file has them so (convert --dtype int8), or, with int8, quantised as read."""
     path = Path(path)
     try:
         with safe_open(path, framework="pt") as f:
@@ -319,10 +338,13 @@ def load_converted(path, dtype: torch.dtype | None = None) -> Checkpoint:
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a converted amused file (metadata format {meta.get('format')!r}); "
                               f"convert a hub checkpoint with `python convert_weights.py SRC -o {path.name}`")
-    sd = read_safetensors(path, dtype)
+    configs = {comp.name: config_from_json(comp.config_cls, meta.get(f"{comp.name}.config", ""), path)
+               for comp in COMPONENTS.values()}
+    quantised = int8_keys(COMPONENTS["transformer"], configs["transformer"], "transformer.") if int8 else frozenset()
+    sd = read_safetensors(path, dtype, quantised)
     models = {}
     for comp in COMPONENTS.values():
-        cfg = config_from_json(comp.config_cls, meta.get(f"{comp.name}.config", ""), path)
+        cfg = configs[comp.name]
         prefix = comp.name + "."
         part = {k[len(prefix):]: sd.pop(k) for k in list(sd) if k.startswith(prefix)}
         models[comp.name] = build(dataclasses.replace(comp, ignored={}), cfg, part, path)
@@ -336,14 +358,17 @@ def load_converted(path, dtype: torch.dtype | None = None) -> Checkpoint:
     return ckpt
 
 
-def load_checkpoint(src, variant: str | None = None, dtype: torch.dtype | None = None) -> Checkpoint:
+def load_checkpoint(src, variant: str | None = None, dtype: torch.dtype | None = None,
+                    int8: bool = False) -> Checkpoint:
     """A converted .safetensors file, a hub-layout folder, or a hub repo id (downloaded) -> Checkpoint.
 
     dtype None keeps each file's dtype; a dtype casts every floating tensor as it is read (read_safetensors), so that
     the weights are never held in the file's dtype and in `dtype` at once: an fp32 file loaded as bf16 peaks at the
-    bf16 weights plus one fp32 tensor, not at 1.5x the fp32 ones. A tensor already in `dtype` is not copied."""
+    bf16 weights plus one fp32 tensor, not at 1.5x the fp32 ones. A tensor already in `dtype` is not copied.
+    int8: the U-ViT's linear layers quantised to int8 as they are read (quantize.py); a file written with --dtype
+    int8 loads them as int8 in any case."""
     path = resolve_source(str(src), variant)
-    return load_converted(path, dtype) if path.is_file() else load_hub_folder(path, variant, dtype)
+    return load_converted(path, dtype, int8) if path.is_file() else load_hub_folder(path, variant, dtype, int8)
 
 
 def single_file_metadata(configs: dict, tokenizer_files: dict[str, str], mask_token_id: int,
@@ -365,9 +390,10 @@ def save_single_file(path, tensors: dict[str, torch.Tensor], meta: dict[str, str
         raise CheckpointError(f"{path}: cannot write it ({e.strerror or e})") from e
 
 
-def convert(folder, out, dtype: torch.dtype | None = None, variant: str | None = None) -> dict:
+def convert(folder, out, dtype: torch.dtype | None = None, variant: str | None = None, int8: bool = False) -> dict:
     """Write the hub checkpoint in `folder` as one safetensors file at `out`, cast to `dtype` (None: keep the
-    dtype of the source files).
+    dtype of the source files); with int8, the U-ViT's linear layers as int8 weights and float32 scales
+    (quantize.py), quantised as they are read.
 
     Holds the converted tensors (cast as they are read, one source tensor at a time: read_safetensors), then
     safetensors' serialisation buffer: about two copies of the converted weights. Writes to a temporary file, then
@@ -382,10 +408,13 @@ def convert(folder, out, dtype: torch.dtype | None = None, variant: str | None =
         cfg = hub_config(folder / comp.name, comp)
         path = weights_file(folder / comp.name, comp.weights, variant)
         model = empty_model(comp, cfg)  # only for its keys and shapes
-        sd = check_state_dict(model, read_safetensors(path, dtype), comp.ignored, path)
+        n_params = sum(p.numel() for p in model.parameters())
+        sd = read_safetensors(path, dtype, int8_keys(comp, cfg) if int8 else frozenset())
+        quantize.prepare_int8_(model, sd)
+        sd = check_state_dict(model, sd, comp.ignored, path)
         tensors.update({f"{comp.name}.{k}": t.contiguous() for k, t in sd.items()})
         configs[comp.name] = cfg
-        summary[comp.name] = (len(model.state_dict()), sum(p.numel() for p in model.parameters()))
+        summary[comp.name] = (len(model.state_dict()), n_params)
     try:
         files = clip_text.read_tokenizer_files(folder / "tokenizer")
         clip_text.CLIPTokenizer(files, source=folder / "tokenizer")  # fail now, not when someone loads the file
@@ -413,8 +442,10 @@ def main(src: str, out: str, dtype: str | None = None, variant: str | None = Non
     folder = resolve_source(src, variant)
     if folder.is_file():
         raise CheckpointError(f"{src}: already a single file; pass a hub-layout folder or a hub repo id")
-    print(f"converting {folder} ({variant or 'fp32'} files) -> {out} as {dtype or 'stored'}")
-    summary = convert(folder, out_path, cli.DTYPES[dtype] if dtype else None, variant)
+    shown = "int8 (the U-ViT's linear layers; the rest bf16)" if dtype == "int8" else dtype or "stored"
+    print(f"converting {folder} ({variant or 'fp32'} files) -> {out} as {shown}")
+    float_dtype = torch.bfloat16 if dtype == "int8" else cli.DTYPES[dtype] if dtype else None
+    summary = convert(folder, out_path, float_dtype, variant, int8=dtype == "int8")
     total = 0
     for name in COMPONENTS:
         n_tensors, n_params = summary[name]
@@ -429,8 +460,9 @@ if __name__ == "__main__":
                                             "to one safetensors file.")
     p.add_argument("src", help="hub-layout folder, or a hub repo id such as amused/amused-256 (downloaded)")
     p.add_argument("-o", "--out", required=True, help="output .safetensors file")
-    p.add_argument("--dtype", choices=sorted(cli.DTYPES), default=None,
-                   help="dtype of the written weights (default: as stored in the source files)")
+    p.add_argument("--dtype", choices=[*sorted(cli.DTYPES), "int8"], default=None,
+                   help="dtype of the written weights (default: as stored in the source files); int8: the U-ViT's "
+                        "linear layers in int8 with float32 scales (W8A8, quantize.py), everything else in bf16")
     p.add_argument("--variant", choices=["fp16"], default=None,
                    help="read the .fp16.safetensors files of the checkpoint instead of the fp32 ones")
     cli.run(main, p.parse_args(), errors=(CheckpointError, FileNotFoundError))

@@ -318,7 +318,8 @@ class Playground:
     def info(self) -> dict:
         cfg = self.pipe.transformer.cfg
         return dict(checkpoint=self.checkpoint, resolution=self.pipe.resolution, tokens=cfg.sample_size,
-                    device=str(self.pipe.device), dtype=next(k for k, v in DTYPES.items() if v == self.pipe.dtype),
+                    device=str(self.pipe.device),
+                    dtype="int8" if self.pipe.int8 else next(k for k, v in DTYPES.items() if v == self.pipe.dtype),
                     max_steps=self.max_steps, max_images=MAX_IMAGES, max_compare=MAX_COMPARE,
                     max_upload_bytes=MAX_UPLOAD_BYTES, max_prompt_chars=MAX_PROMPT_CHARS)
 

@@ -101,13 +101,14 @@ def check_mode(init_image: str | None, mask: str | None, strength: float | None,
     return mode, strength
 
 
-def resolve_dtype(name: str, device: str, exact: bool) -> tuple[torch.dtype, str]:
-    """--dtype -> (the torch dtype, what the settings line shows): auto says what it chose and why (speed.auto_dtype:
-    float32 with --exact, float16 on CUDA, bfloat16 on a CPU with native bf16 matmuls, else float32)."""
-    if name != "auto":
+def resolve_dtype(name: str, device: str, exact: bool) -> tuple[torch.dtype | str, str]:
+    """--dtype -> (the dtype Amused takes, what the settings line shows). auto and int8 say what they chose and why
+    (speed.resolve_dtype: float32 with --exact, float16 on CUDA, bfloat16 on a CPU with native bf16 matmuls, else
+    float32; int8: the U-ViT's linear layers, the rest as auto)."""
+    if name in DTYPES:
         return DTYPES[name], name
-    dtype, why = speed.auto_dtype(torch.device(device), exact)
-    return dtype, f"{next(k for k, v in DTYPES.items() if v == dtype)} (auto: {why})"
+    dtype, int8, why = speed.resolve_dtype(name, torch.device(device), exact)
+    return ("int8", f"int8 ({why})") if int8 else (dtype, f"{next(k for k, v in DTYPES.items() if v == dtype)} (auto: {why})")
 
 
 def resolve_generator_device(name: str, device: str) -> str:
@@ -400,10 +401,11 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="read the .fp16.safetensors files of a hub checkpoint (half the download)")
     p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
                    help="auto: cuda, else mps, else cpu")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+    p.add_argument("--dtype", choices=["auto", *DTYPES, "int8"], default="auto",
                    help="auto: the fastest native precision: fp16 on cuda; on the CPU bf16 where it has AMX or "
-                        "AVX512-BF16, else fp32; fp32 with --exact. An fp16 VQ decodes in fp32 when its config says "
-                        "force_upcast")
+                        "AVX512-BF16, else fp32; fp32 with --exact. int8: the U-ViT's linear layers in int8 "
+                        "(quantised on load, or as stored by convert_weights.py --dtype int8), the rest as auto. An "
+                        "fp16 VQ decodes in fp32 when its config says force_upcast")
     p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=False,
                    help="the reference's kernels (and fp32 with --dtype auto): on the CPU, output equal to diffusers' "
                         "bit for bit. Default: the fastest kernels (oneDNN fp32 matmuls)")

@@ -74,6 +74,18 @@ def auto_dtype(device: torch.device, exact: bool) -> tuple[torch.dtype, str]:
     return torch.float32, "the CPU has neither AMX nor AVX512-BF16: bf16 would be emulated, slower than float32"
 
 
+def resolve_dtype(dtype: torch.dtype | str, device: torch.device, exact: bool) -> tuple[torch.dtype, bool, str]:
+    """The pipeline's dtype argument (a torch dtype, "auto" or "int8") -> (the float dtype of the models, whether the
+    U-ViT's linear layers are int8 (quantize.py), and why, for the settings line)."""
+    if dtype == "int8":
+        float_dtype, why = auto_dtype(device, exact)
+        return float_dtype, True, f"the U-ViT's linear layers in int8, the rest in {str(float_dtype)[6:]} ({why})"
+    if dtype == "auto":
+        float_dtype, why = auto_dtype(device, exact)
+        return float_dtype, False, why
+    return dtype, False, "asked for"
+
+
 def check(device: torch.device, exact: bool) -> None:
     """ValueError if the mode cannot run on this device with this PyTorch build."""
     if not exact and device.type == "cpu" and not onednn_available():

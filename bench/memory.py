@@ -28,17 +28,23 @@ def converted_bf16(hub: Path, work: Path) -> Path:
 
 
 def machine_description() -> str:
-    """The CPU's model name, whether it has the instructions bf16 speed depends on, and torch's version. Called
-    after the runs: it imports torch (speed.py), which would raise the floor of every later child's ru_maxrss."""
+    """The CPU and its ISA features, and torch's version. Called after the runs: it imports torch (speed.py), which
+    would raise the floor of every later child's ru_maxrss."""
     sys.path.insert(0, str(ROOT))
     import speed
     import torch
 
-    name = next((line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), "unknown CPU")
-    flags = speed.cpu_flags()
-    has = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in ("avx2", "avx512_bf16", "amx_bf16"))
-    return f"{name} ({has}), torch {torch.__version__}"
+    return f"{speed.cpu_description()}, torch {torch.__version__}"
+
+
+# diffusers' pipeline on the same hub folder, in bf16, 2 steps, one image written: the reference's peak
+DIFFUSERS = """
+import sys, torch, warnings
+warnings.simplefilter("ignore")
+from diffusers import AmusedPipeline
+pipe = AmusedPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.bfloat16)
+pipe(sys.argv[2], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0].save(sys.argv[3])
+"""
 
 
 def main(workdir: str, prompt: str, exact: bool) -> None:
@@ -52,6 +58,7 @@ def main(workdir: str, prompt: str, exact: bool) -> None:
         ("hub folder (fp32 files)", "bf16", sample + ["--checkpoint", str(hub), "--dtype", "bf16"]),
         ("converted bf16 file", "bf16", sample + ["--checkpoint", str(file), "--dtype", "bf16"]),
         ("hub folder (fp32 files)", "fp32", sample + ["--checkpoint", str(hub), "--dtype", "fp32"]),
+        ("hub folder (fp32 files), diffusers", "bf16", [sys.executable, "-c", DIFFUSERS, str(hub), prompt, png]),
     ]
     params = fp32_weight_bytes(hub) // BYTES["fp32"]
     rows = []

@@ -268,8 +268,7 @@ def test_inexact_mode_matches_diffusers(tiny):
     relative per matmul, compounded over the layers), and the same tokens as diffusers in text-to-image and
     image-to-image runs: the differences only matter where two candidates tie to ~1e-6, which these seeded runs
     do not meet (a failure here after a kernel change would mean such a tie, or a real bug: the logit check
-    tells which). Images: atol 1e-4 (the decoder reads the same tokens through the same kernels; kept loose
-    should a faster VQ layout return)."""
+    tells which). Images: atol 1e-4 (the VQ's attention linears run as oneDNN matmuls too)."""
     ref, exact, folder = tiny
     fast = Amused.from_pretrained(folder, exact=False)
     hidden, pooled = exact.encode_prompt(PROMPTS)
