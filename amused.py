@@ -560,6 +560,9 @@ class Amused:
         to the weights' dtype; it is permanent: reload the pipeline to undo it. Nothing is changed unless the whole
         file checks out.
         """
+        if self.int8:
+            raise ValueError("this U-ViT's linear layers are int8: merge the LoRA into a float pipeline (load the "
+                             "checkpoint in float32 or bfloat16), or quantise after merging")
         pairs, alpha = read_lora(path, self.transformer)
         modules = dict(self.transformer.named_modules())
         for module, (A, B) in pairs.items():

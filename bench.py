@@ -10,8 +10,9 @@ warmed up; then the runs go in rounds, each round running every variant once in 
 machine hits all of them. The variants:
   - diffusers in each precision this device runs (CPU: fp32, and bf16 where oneDNN has it; CUDA: --dtypes, and fp16
     with its transformer compiled as its model card recommends);
-  - ours exact (CPU: fp32, the reference's kernels: its tokens must equal diffusers' fp32 tokens) and ours in the
-    default fast mode (dtype "auto", exact=False: what sample.py runs); on CUDA also the compiled step.
+  - ours exact (CPU: fp32, the reference's kernels: its tokens must equal diffusers' fp32 tokens), ours in the
+    default fast mode (dtype "auto", exact=False: what sample.py runs) and, on the CPU, ours with the U-ViT's
+    linear layers in int8 (quantize.py); on CUDA also the compiled step.
 Each row gives the median latency per image with the spread (min-max), the ratio to diffusers' *best* variant on
 this machine (its fastest median, named in the table), and the share of tokens equal to diffusers' fp32 tokens.
 The machine (CPU model and its ISA features, threads; the GPU) heads the table, which is printed and appended to
@@ -32,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import quantize  # noqa: E402
 import speed  # noqa: E402
 from amused import Amused  # noqa: E402
 from cli import DTYPES  # noqa: E402
@@ -82,6 +84,8 @@ def variants(ref, tok: Path, device: str, dtypes: list[str], compile: bool) -> d
         out["ours fp32 exact"] = (ours(ours_from(ref, tok, device, torch.float32, True)), "ours")
         fast = ours_from(ref, tok, device, "auto", False)
         out[f"ours auto ({next(k for k, v in DTYPES.items() if v == fast.dtype)}, fast)"] = (ours(fast), "ours")
+        if quantize.int8_available(device):
+            out["ours int8 (U-ViT linears; the rest auto)"] = (ours(ours_from(ref, tok, device, "int8", False)), "ours")
         return out
     fp32 = copy.deepcopy(ref).to(device)
     out["diffusers fp32"] = (theirs(fp32), "diffusers")

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 QMAX = 127  # symmetric: -128 is never used, so that negating a value never overflows and the grid is centred
 
 UNAVAILABLE = ("int8 needs torch._int_mm, PyTorch's int8 x int8 -> int32 matmul, on {device}, and this PyTorch "
-               "({version}) does not run it there: run int8 on the CPU or CUDA, or load the model in a float "
-               "dtype (float32, bfloat16) instead")
+               "({version}) does not run it there: run int8 on the CPU or CUDA, or use a float checkpoint in a "
+               "float dtype (float32, bfloat16) instead")
 
 # Int8Linear's float32 buffers: never cast to the model's dtype (Int8Linear._apply; convert_weights' reader)
 FLOAT32_BUFFERS = ("weight_scale", "smooth")

@@ -3,6 +3,8 @@
     python examples/digits.py --out runs/digits                       # train once (~7 min)
     python examples/digits_precision.py runs/digits/model.safetensors  # fp32 (exact), bf16, int8: accuracy each
 
+int8 is the U-ViT's linear layers in int8 (quantize.py), the rest in the CPU's "auto" float dtype.
+
 The judge is digits.py's, fitted on the real training split with the same seed, before anything here runs: an
 SVC that never saw a generated digit. For each precision the same prompts and seed draw the same number of images
 (12 steps, guidance 4 and 10, the full recipe's 50 per class); we report the judge's accuracy, its difference from
@@ -23,12 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cli  # noqa: E402
 import digits  # noqa: E402
+import quantize  # noqa: E402
 import speed  # noqa: E402
 from amused import Amused  # noqa: E402
 
 GUIDANCES = (4.0, 10.0)
 # name -> (dtype, exact) as Amused takes them
-PRECISIONS = {"fp32": (torch.float32, True), "bf16": (torch.bfloat16, False)}
+PRECISIONS = {"fp32": (torch.float32, True), "bf16": (torch.bfloat16, False), "int8": ("int8", False)}
 
 
 def draw(pipe: Amused, per_class: int, guidance: float, seed: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
@@ -53,6 +56,9 @@ def main(checkpoint: str, precisions: list[str], per_class: int = 50, seed: int 
         if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             results[name] = "not available: this PyTorch build has no oneDNN bf16"
             continue
+        if dtype == "int8" and not quantize.int8_available("cpu"):
+            results[name] = "not available: this PyTorch build does not run torch._int_mm on the CPU"
+            continue
         pipe = Amused.from_pretrained(checkpoint, dtype=dtype, exact=exact)
         results[name] = {}
         for guidance in GUIDANCES:
@@ -69,7 +75,7 @@ def main(checkpoint: str, precisions: list[str], per_class: int = 50, seed: int 
 
 
 def table(results: dict, base: str, per_class: int, ceiling: float) -> str:
-    lines = [f"| precision | " + " | ".join(f"accuracy, guidance {g:g} (vs {base})" for g in GUIDANCES)
+    lines = ["| precision | " + " | ".join(f"accuracy, guidance {g:g} (vs {base})" for g in GUIDANCES)
              + " | tokens equal to fp32 |", "|---|" + "---|" * (len(GUIDANCES) + 1)]
     for name, r in results.items():
         if isinstance(r, str):

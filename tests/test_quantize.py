@@ -273,3 +273,71 @@ def test_refused_without_kernel(no_int8_kernel):
 def test_available_here():
     """The build this project requires (torch >= 2.4) runs int8 on the CPU: the probe must not fail for nothing."""
     assert quantize.int8_available("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------
+# int8 through the pipeline: quantised on load, the int8 file, sample.py
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, tiny_tokenizer_dir):
+    from conftest import reference_pipeline, save_hub_checkpoint
+
+    ref = reference_pipeline("tiny", tiny_tokenizer_dir, seed=4)
+    return save_hub_checkpoint(ref, tmp_path_factory.mktemp("hub") / "tiny", tiny_tokenizer_dir)
+
+
+def test_int8_file_round_trip(hub, tmp_path, one_thread):
+    """convert_weights --dtype int8 writes the U-ViT's quantised linears (int8 + float32 scales, KEEP_FLOAT's in
+    bf16) and loads them as int8, no float copy: the same tensors and the same tokens as quantising a float checkpoint
+    on load (both quantise the file's float32 weights)."""
+    import convert_weights
+    from amused import Amused
+
+    out = tmp_path / "int8.safetensors"
+    convert_weights.main(str(hub), str(out), dtype="int8")
+    stored = load_file(out)
+    names = quantize.int8_names(uvit.UViT(uvit.config_from_hub(TINY_UVIT)))
+    assert names and all(stored[f"transformer.{n}.weight"].dtype == torch.int8 for n in names)
+    assert all(stored[f"transformer.{n}.weight_scale"].dtype == torch.float32 for n in names)
+    assert stored["transformer.encoder_proj.weight"].dtype == torch.bfloat16  # KEEP_FLOAT
+
+    from_file = Amused.from_pretrained(out, dtype="auto", exact=False)
+    on_load = Amused.from_pretrained(hub, dtype="int8", exact=False)
+    assert from_file.int8 and on_load.int8 and from_file.dtype == on_load.dtype
+    a, b = from_file.transformer.state_dict(), on_load.transformer.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    tokens = from_file(["a cat", "a dog"], steps=4, generator=gen(), output_type="tokens")
+    assert_nontrivial("int8 tokens", tokens.float())
+    assert torch.equal(tokens, on_load(["a cat", "a dog"], steps=4, generator=gen(), output_type="tokens"))
+    with pytest.raises(ValueError, match="int8: merge the LoRA"):
+        from_file.load_lora(out)
+
+
+def test_int8_pipeline_refused_without_kernel(hub, tmp_path, no_int8_kernel):
+    """An int8 file, or dtype="int8", on a build whose int8 matmul does not run: one clear error at load."""
+    import convert_weights
+    from amused import Amused
+
+    with pytest.raises(ValueError, match=r"torch\._int_mm.*float dtype"):
+        Amused.from_pretrained(hub, dtype="int8")
+    out = tmp_path / "int8.safetensors"
+    convert_weights.convert(hub, out, torch.bfloat16, int8=True)  # writing one needs no kernel
+    for dtype in ("auto", torch.float32):
+        with pytest.raises(ValueError, match=r"torch\._int_mm.*float dtype"):
+            Amused.from_pretrained(out, dtype=dtype)
+
+
+def test_sample_py_int8(hub, tmp_path, capsys, one_thread):
+    """sample.py --dtype int8 quantises the float checkpoint on load, says so, and draws what the pipeline draws."""
+    import sample
+    from amused import Amused
+    from conftest import assert_same_image
+    from PIL import Image
+
+    out = tmp_path / "int8.png"
+    sample.main("a cat", checkpoint=str(hub), steps="3", out=str(out), dtype="int8")
+    assert "dtype           int8 (the U-ViT's linear layers in int8, the rest in " in capsys.readouterr().out
+    pipe = Amused.from_pretrained(hub, dtype="int8", exact=False)
+    assert_same_image(Image.open(out), pipe("a cat", steps=3, generator=torch.Generator().manual_seed(0))[0], "int8")
