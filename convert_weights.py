@@ -119,8 +119,8 @@ def read_safetensors(path: Path, dtype: torch.dtype | None = None, int8: frozens
         with safe_open(path, framework="pt") as mapped, safe_open(path, framework="pt", backend="pread") as unmapped:
             for k in mapped.offset_keys():
                 t = mapped.get_tensor(k)  # a view of the mapping: nothing read yet
-                if k in int8:
-                    sd[k], sd[k + "_scale"] = quantize.quantize_weight(unmapped.get_tensor(k))
+                if k in int8 and t.is_floating_point():  # an int8 file's weights are int8 already
+                    sd[k], sd[k + "_scale"] = quantize.quantize_weight_(unmapped.get_tensor(k).float())
                 elif needs_cast(t, dtype) and not k.endswith(quantize.FLOAT32_BUFFERS):
                     sd[k] = unmapped.get_tensor(k).to(dtype)
                 else:

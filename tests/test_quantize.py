@@ -307,6 +307,8 @@ def test_int8_file_round_trip(hub, tmp_path, one_thread):
     assert from_file.int8 and on_load.int8 and from_file.dtype == on_load.dtype
     a, b = from_file.transformer.state_dict(), on_load.transformer.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    again = Amused.from_pretrained(out, dtype="int8", exact=False).transformer.state_dict()  # not quantised twice
+    assert all(torch.equal(a[k], again[k]) for k in a)
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     tokens = from_file(["a cat", "a dog"], steps=4, generator=gen(), output_type="tokens")
     assert_nontrivial("int8 tokens", tokens.float())
