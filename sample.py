@@ -10,8 +10,9 @@
 
 --checkpoint takes a hub-layout folder, a file written by convert_weights.py, or a hub repo id, which is
 downloaded into huggingface_hub's cache on first use. --seed seeds a torch.Generator, on the CPU unless sampling on
-CUDA (--generator auto): on the CPU in fp32, the same seed gives the same image as diffusers' pipelines given a
-CPU generator with that seed. --generator cpu draws on the CPU on every device, as diffusers does with a CPU
+CUDA (--generator auto): on the CPU with --exact (fp32, the reference's kernels), the same seed gives the same image
+as diffusers' pipelines given a CPU generator with that seed. By default sample.py runs the fastest precision the
+device has natively (--dtype auto: bf16 on a CPU with AMX or AVX512-BF16), whose images differ from fp32's in detail. --generator cpu draws on the CPU on every device, as diffusers does with a CPU
 generator (the same random numbers; a GPU's arithmetic still differs), at the cost of a copy and a CPU draw per
 step.
 Each entry of --steps is an independent run from the same seed, so the columns of a grid differ only in the
