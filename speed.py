@@ -1,9 +1,9 @@
 """speed.py: ways to run the same pipeline faster, kept apart from the algorithm (amused.py).
 
 Nothing here changes what is computed, only which kernels compute it and in which memory layout. Two modes:
-  - exact (the default): on the CPU every operation runs as diffusers runs it, so float32 tokens and images equal
-    the reference's bit for bit. On CUDA, channels_last VQ convolutions (GPU kernels never match the CPU
-    reference's bits anyway).
+  - exact (the API's default; sample.py --exact): on the CPU every operation runs as diffusers runs it, so float32
+    tokens and images equal the reference's bit for bit. On CUDA, channels_last VQ convolutions (GPU kernels never
+    match the CPU reference's bits anyway).
   - not exact (Amused(..., exact=False), sample.py's default), CPU only: float32 linear layers as oneDNN matmuls
     (OneDNNLinear). Logits then differ from the reference's in the last bits (~1e-6 of their scale), which changes
     a sampled token only where two candidates tie to that precision.

@@ -394,9 +394,12 @@ def test_ctrl_c_is_one_line_and_exit_130(files):
     """--steps 1000 on the 64-token model: a note says why that is no better, step 1 an estimate of the rest; a
     SIGINT then stops the run with one line `interrupted`, exit code 130, no traceback and no output file."""
     out = files["root"] / "interrupted.png"
+    # SIGINT back to its default in the child: a shell's background job (`pytest ... &`) has it ignored, which
+    # Python would inherit, and the run would not stop
     p = subprocess.Popen([sys.executable, "sample.py", PROMPT, "--steps", "1000", "--checkpoint", files["hub"],
                           "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, **ONE_THREAD})
+                         env={**os.environ, **ONE_THREAD},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = []
         for line in p.stdout:  # until the estimate after step 1 (or the end, if it never comes)
