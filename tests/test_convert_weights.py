@@ -220,8 +220,8 @@ def test_loading_in_bf16_never_holds_the_fp32_weights(medium_checkpoint, source)
     print(f"{source}: fp32 weights {fp32 / 2**20:.0f} MiB, loaded {bf16 / 2**20:.0f} MiB of bf16, "
           f"peak RSS growth {growth / 2**20:.0f} MiB")
     assert abs(bf16 - fp32 / 2) < 0.01 * fp32  # every weight was loaded
-    if source == "bf16 file":
-        assert growth < 0.1 * bf16
+    if source == "bf16 file":  # 12-15 MiB measured: the models' Python objects, not the weights (140 MiB)
+        assert growth < 0.25 * bf16
     else:
         assert bf16 * 0.9 < growth < 0.75 * fp32  # the lower bound: the measure is not vacuous
 
