@@ -164,6 +164,11 @@ def assert_close(name, ours, ref, atol, rtol=0.0):
 # Reference models
 
 
+def seeded(seed=0):
+    """A CPU torch.Generator seeded with `seed`: the generator diffusers' pipelines draw the same numbers from."""
+    return torch.Generator().manual_seed(seed)
+
+
 @torch.no_grad()
 def perturb_(module, seed=0, rel=0.1):
     """Add noise to every parameter, norms and biases included, so that a weight we forget to load (a norm

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_UVIT, assert_close, assert_nontrivial, reference_pipeline, save_hub_checkpoint, smooth_images
+from conftest import TINY_UVIT, assert_close, assert_nontrivial, reference_pipeline, save_hub_checkpoint, seeded, smooth_images
 from diffusers import AmusedImg2ImgPipeline, AmusedInpaintPipeline, AmusedPipeline, AmusedScheduler
 from PIL import Image
 
@@ -21,10 +21,6 @@ from speed import OneDNNLinear
 
 MASK_ID = TINY_UVIT["vocab_size"] - 1
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse!"]
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +61,8 @@ def test_text_to_image_matches_diffusers(tiny, steps):
     kwargs = dict(negative_prompt=["blurry", "low quality"], num_images_per_prompt=2)
     assert_same_run(
         f"t2i {steps} steps",
-        lambda **o: ref(PROMPTS, num_inference_steps=steps, generator=gen(steps), **kwargs, **o),
-        lambda **o: ours(PROMPTS, steps=steps, generator=gen(steps), **kwargs, **o),
+        lambda **o: ref(PROMPTS, num_inference_steps=steps, generator=seeded(steps), **kwargs, **o),
+        lambda **o: ours(PROMPTS, steps=steps, generator=seeded(steps), **kwargs, **o),
     )
 
 
@@ -76,9 +72,9 @@ def test_text_to_image_guidance_and_conditioning(tiny, guidance_scale, negative)
     kwargs = dict(negative_prompt=negative, guidance_scale=guidance_scale, temperature=(3.0, 0.5))
     assert_same_run(
         f"t2i guidance {guidance_scale}",
-        lambda **o: ref("a dog", num_inference_steps=6, generator=gen(1), micro_conditioning_aesthetic_score=5.5,
+        lambda **o: ref("a dog", num_inference_steps=6, generator=seeded(1), micro_conditioning_aesthetic_score=5.5,
                         micro_conditioning_crop_coord=(4, 8), **kwargs, **o),
-        lambda **o: ours("a dog", steps=6, generator=gen(1), aesthetic_score=5.5, crop_coords=(4, 8), **kwargs, **o),
+        lambda **o: ours("a dog", steps=6, generator=seeded(1), aesthetic_score=5.5, crop_coords=(4, 8), **kwargs, **o),
     )
 
 
@@ -89,8 +85,8 @@ def test_img2img_matches_diffusers(tiny, strength, steps):
     image = smooth_images(2, 32, 32, seed=2)  # one per prompt (the reference cannot share one image)
     assert_same_run(
         f"img2img strength {strength}",
-        lambda **o: i2i(PROMPTS, image=image, strength=strength, num_inference_steps=steps, generator=gen(3), **o),
-        lambda **o: ours.img2img(PROMPTS, image, strength=strength, steps=steps, generator=gen(3), **o),
+        lambda **o: i2i(PROMPTS, image=image, strength=strength, num_inference_steps=steps, generator=seeded(3), **o),
+        lambda **o: ours.img2img(PROMPTS, image, strength=strength, steps=steps, generator=seeded(3), **o),
     )
 
 
@@ -100,8 +96,8 @@ def test_img2img_from_pil_and_batch(tiny):
     pil = Image.fromarray((smooth_images(1, 32, 32, seed=4)[0].permute(1, 2, 0) * 255).byte().numpy())
     assert_same_run(
         "img2img PIL",
-        lambda **o: i2i("a cat", image=pil, num_inference_steps=8, num_images_per_prompt=3, generator=gen(5), **o),
-        lambda **o: ours.img2img("a cat", pil, steps=8, num_images_per_prompt=3, generator=gen(5), **o),
+        lambda **o: i2i("a cat", image=pil, num_inference_steps=8, num_images_per_prompt=3, generator=seeded(5), **o),
+        lambda **o: ours.img2img("a cat", pil, steps=8, num_images_per_prompt=3, generator=seeded(5), **o),
     )
 
 
@@ -125,9 +121,9 @@ def test_inpaint_matches_diffusers(tiny, kind, strength):
     assert_same_run(
         f"inpaint {kind}",
         lambda **o: inp(prompts, image=image, mask_image=mask, strength=strength, num_inference_steps=12,
-                        num_images_per_prompt=2, generator=gen(7), **o),
+                        num_images_per_prompt=2, generator=seeded(7), **o),
         lambda **o: ours.inpaint(prompts, image, mask, strength=strength, steps=12, num_images_per_prompt=2,
-                                 generator=gen(7), **o),
+                                 generator=seeded(7), **o),
     )
 
 
@@ -137,9 +133,9 @@ def test_full_amused_256_matches_diffusers(full_hub_256):
     ref.set_progress_bar_config(disable=True)
     ours = Amused.from_pretrained(full_hub_256)
     MASK = ref.scheduler.config.mask_token_id
-    ref_tokens = ref("dog", num_inference_steps=2, generator=gen(0), output_type="latent").images
+    ref_tokens = ref("dog", num_inference_steps=2, generator=seeded(0), output_type="latent").images
     our_images = []
-    our_tokens = ours("dog", steps=2, generator=gen(0), output_type="tokens",
+    our_tokens = ours("dog", steps=2, generator=seeded(0), output_type="tokens",
                       callback=lambda step, t: our_images.append(t.clone()))
     assert ref_tokens.shape == (1, 16, 16) and len(ref_tokens.unique()) > 50 and (ref_tokens != MASK).all()
     assert torch.equal(our_tokens, ref_tokens)
@@ -159,9 +155,9 @@ def test_unmask_step_matches_scheduler_at_full_size(L, dtype):
     sched = AmusedScheduler(mask_token_id=8255)
     sched.set_timesteps(steps)
     temps, counts = torch.linspace(2.0, 0.0, steps), sampling_mask_counts(steps, L)
-    logit_gen = gen(0)
+    logit_gen = seeded(0)
     ours = ref = torch.full((B, side, side), 8255)
-    g_ours, g_ref = gen(1), gen(1)
+    g_ours, g_ref = seeded(1), seeded(1)
     for i, t in enumerate(sched.timesteps):
         logits = (3 * torch.randn(B, K, side, side, generator=logit_gen)).to(dtype)
         ref = sched.step(logits, t, ref, generator=g_ref).prev_sample
@@ -176,9 +172,9 @@ def test_unmask_step_matches_scheduler_at_full_size(L, dtype):
 def test_sample_categorical_is_torch_multinomial(dtype):
     """Our sync-free draw equals torch.multinomial(probs, 1): the same samples from the same random numbers
     (the generators end in the same state), on peaked and on flat distributions."""
-    logits = torch.randn(300, 8192, generator=gen(0), dtype=dtype) * torch.linspace(0.1, 20, 300, dtype=dtype)[:, None]
+    logits = torch.randn(300, 8192, generator=seeded(0), dtype=dtype) * torch.linspace(0.1, 20, 300, dtype=dtype)[:, None]
     probs = logits.softmax(-1)
-    g_ours, g_ref = gen(1), gen(1)
+    g_ours, g_ref = seeded(1), seeded(1)
     ours = sample_categorical(probs, torch.empty_like(probs).exponential_(1, generator=g_ours))
     assert ours.shape == (300, 1) and len(ours.unique()) > 100
     assert torch.equal(ours, torch.multinomial(probs, 1, generator=g_ref))
@@ -195,7 +191,7 @@ def test_nan_logits_are_an_error_not_an_image(tiny, monkeypatch):
         return logits
     monkeypatch.setattr(ours.transformer, "forward", overflowing)
     with pytest.raises(FloatingPointError, match="NaN or infinite"):
-        ours("a cat", steps=3, generator=gen(0))
+        ours("a cat", steps=3, generator=seeded(0))
 
 
 def test_fast_loop_equals_the_plain_loop(tiny):
@@ -203,12 +199,12 @@ def test_fast_loop_equals_the_plain_loop(tiny):
     that recomputes the conditions every step (as diffusers' UVit2DModel does) must give the same tokens."""
     _, ours, _ = tiny
     steps, g = 8, 5.0
-    fast = ours(PROMPTS, steps=steps, guidance_scale=g, generator=gen(12), output_type="tokens")
+    fast = ours(PROMPTS, steps=steps, guidance_scale=g, generator=seeded(12), output_type="tokens")
     hidden, pooled = ours.encode_prompt(PROMPTS)
     neg_hidden, neg_pooled = ours.encode_prompt([""] * 2)
     hidden, pooled = torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled])
     micro = torch.tensor([[32, 32, 0, 0, 6.0]] * 4)
-    tokens, generator, temps = torch.full((2, 8, 8), MASK_ID), gen(12), torch.linspace(2, 0, steps)
+    tokens, generator, temps = torch.full((2, 8, 8), MASK_ID), seeded(12), torch.linspace(2, 0, steps)
     counts, K = sampling_mask_counts(steps, 64), ours.transformer.cfg.codebook_size
     with torch.no_grad():
         for i in range(steps):
@@ -233,7 +229,7 @@ def test_onednn_linear_is_a_linear_summed_in_another_order():
     models produce (3-d, a permuted 4-d map, with and without bias, keyword arguments), and the mean error is
     within 2x the reference kernel's. The bits must differ from the reference kernel's somewhere, or oneDNN did
     not run. Anything else falls through to the reference."""
-    g = gen(0)
+    g = seeded(0)
     w, b = torch.randn(3072, 768, generator=g), torch.randn(3072, generator=g)
     inputs = {"3-d": torch.randn(2, 256, 768, generator=g),
               "permuted 4-d": torch.randn(2, 768, 16, 16, generator=g).permute(0, 2, 3, 1)}
@@ -273,7 +269,7 @@ def test_inexact_mode_matches_diffusers(tiny):
     fast = Amused.from_pretrained(folder, exact=False)
     hidden, pooled = exact.encode_prompt(PROMPTS)
     micro = torch.tensor([[32, 32, 0, 0, 6.0]] * 2)
-    ids = torch.randint(0, MASK_ID + 1, (2, 8, 8), generator=gen(3))
+    ids = torch.randint(0, MASK_ID + 1, (2, 8, 8), generator=seeded(3))
     with torch.no_grad():
         ref_logits = ref.transformer(ids, hidden, pooled, micro)
         with OneDNNLinear():
@@ -282,13 +278,13 @@ def test_inexact_mode_matches_diffusers(tiny):
 
     kwargs = dict(negative_prompt=["blurry", "low quality"], num_images_per_prompt=2)
     assert_same_run("exact=False t2i",
-                    lambda **o: ref(PROMPTS, num_inference_steps=12, generator=gen(4), **kwargs, **o),
-                    lambda **o: fast(PROMPTS, steps=12, generator=gen(4), **kwargs, **o))
+                    lambda **o: ref(PROMPTS, num_inference_steps=12, generator=seeded(4), **kwargs, **o),
+                    lambda **o: fast(PROMPTS, steps=12, generator=seeded(4), **kwargs, **o))
     image = smooth_images(2, 32, 32, seed=5)
     i2i = reference_variant(ref, AmusedImg2ImgPipeline)
     assert_same_run("exact=False img2img",
-                    lambda **o: i2i(PROMPTS, image=image, strength=0.6, num_inference_steps=12, generator=gen(6), **o),
-                    lambda **o: fast.img2img(PROMPTS, image, strength=0.6, steps=12, generator=gen(6), **o))
+                    lambda **o: i2i(PROMPTS, image=image, strength=0.6, num_inference_steps=12, generator=seeded(6), **o),
+                    lambda **o: fast.img2img(PROMPTS, image, strength=0.6, steps=12, generator=seeded(6), **o))
 
 
 def test_inexact_mode_needs_onednn(tiny, monkeypatch):
@@ -313,9 +309,9 @@ def test_sampling_invariants(tiny, mode):
     steps = 10
     image, mask = smooth_images(1, 32, 32, seed=8), square_mask("tensor")
     call = {
-        "t2i": lambda **o: ours(PROMPTS, steps=steps, generator=gen(9), output_type="tokens", **o),
-        "img2img": lambda **o: ours.img2img(PROMPTS, image, strength=0.6, steps=steps, generator=gen(9), output_type="tokens", **o),
-        "inpaint": lambda **o: ours.inpaint(PROMPTS, image, mask, steps=steps, generator=gen(9), output_type="tokens", **o),
+        "t2i": lambda **o: ours(PROMPTS, steps=steps, generator=seeded(9), output_type="tokens", **o),
+        "img2img": lambda **o: ours.img2img(PROMPTS, image, strength=0.6, steps=steps, generator=seeded(9), output_type="tokens", **o),
+        "inpaint": lambda **o: ours.inpaint(PROMPTS, image, mask, steps=steps, generator=seeded(9), output_type="tokens", **o),
     }[mode]
     out, seen = record_steps(call)
     L = 8 * 8
@@ -347,19 +343,19 @@ def test_schedule_counts():
 
 def test_same_seed_same_result_and_converted_file(tiny, tmp_path):
     _, ours, hub = tiny
-    a = ours("a cat", steps=4, generator=gen(3), output_type="tokens")
-    b = ours("a cat", steps=4, generator=gen(3), output_type="tokens")
-    c = ours("a cat", steps=4, generator=gen(4), output_type="tokens")
+    a = ours("a cat", steps=4, generator=seeded(3), output_type="tokens")
+    b = ours("a cat", steps=4, generator=seeded(3), output_type="tokens")
+    c = ours("a cat", steps=4, generator=seeded(4), output_type="tokens")
     assert torch.equal(a, b) and not torch.equal(a, c)
     out = tmp_path / "tiny.safetensors"
     convert_weights.convert(hub, out)
-    assert torch.equal(Amused.from_pretrained(out)("a cat", steps=4, generator=gen(3), output_type="tokens"), a)
+    assert torch.equal(Amused.from_pretrained(out)("a cat", steps=4, generator=seeded(3), output_type="tokens"), a)
 
 
 def test_output_types(tiny):
     _, ours, _ = tiny
-    pil = ours("a cat", steps=2, generator=gen(0))
-    pt = ours("a cat", steps=2, generator=gen(0), output_type="pt")
+    pil = ours("a cat", steps=2, generator=seeded(0))
+    pt = ours("a cat", steps=2, generator=seeded(0), output_type="pt")
     assert isinstance(pil, list) and pil[0].size == (32, 32) and pil[0].mode == "RGB"
     assert pt.shape == (1, 3, 32, 32) and 0 <= pt.min() and pt.max() <= 1
     assert torch.equal(torch.from_numpy(__import__("numpy").array(pil[0])).permute(2, 0, 1), (pt[0] * 255).round().byte())
@@ -399,9 +395,9 @@ def test_image_not_a_multiple_of_the_token_size_is_resized_like_the_reference(ti
     image = smooth_images(1, 34, 35, seed=1)  # -> 32x32, nearest, as VaeImageProcessor does for tensors
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = i2i("a cat", image=image, num_inference_steps=6, generator=gen(2), output_type="latent").images
+        expected = i2i("a cat", image=image, num_inference_steps=6, generator=seeded(2), output_type="latent").images
     with pytest.warns(UserWarning, match="not a multiple of 4: resized to 32x32"):
-        got = ours.img2img("a cat", image, steps=6, generator=gen(2), output_type="tokens")
+        got = ours.img2img("a cat", image, steps=6, generator=seeded(2), output_type="tokens")
     assert torch.equal(got, expected)
 
 
@@ -417,7 +413,7 @@ def test_non_finite_settings_are_refused(tiny):
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
-            ours("a cat", steps=2, generator=gen(0), **kwargs)
+            ours("a cat", steps=2, generator=seeded(0), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------

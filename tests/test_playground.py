@@ -36,10 +36,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import ROOT, assert_same_image, reference_pipeline, save_hub_checkpoint, smooth_images
+from conftest import ROOT, assert_same_image, reference_pipeline, save_hub_checkpoint, seeded, smooth_images
 import amused
 import cli
 import playground
@@ -54,10 +53,6 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models only
-
-
-def seeded(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_same_image, reference_pipeline, save_hub_checkpoint, smooth_images
+from conftest import ROOT, assert_same_image, reference_pipeline, save_hub_checkpoint, seeded, smooth_images
 import amused
 from amused import Amused
 import sample
@@ -75,10 +75,6 @@ def files(tmp_path_factory, tiny_tokenizer_dir):
 def pipe(files):
     """The pipeline as sample.py builds it by default: --dtype auto, without --exact."""
     return Amused.from_pretrained(files["hub"], dtype="auto", exact=False)
-
-
-def seeded(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------------

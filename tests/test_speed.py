@@ -7,16 +7,12 @@ import pytest
 import torch
 import torch._dynamo
 
-from conftest import reference_pipeline, save_hub_checkpoint, smooth_images
+from conftest import reference_pipeline, save_hub_checkpoint, seeded, smooth_images
 import amused
 import speed
 from amused import Amused
 
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse!"]
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +83,9 @@ def test_compiled_step_gives_the_eager_steps_tokens(hub, one_thread):
     image, mask = smooth_images(1, 32, 32, seed=3), torch.zeros(32, 32)
     mask[8:24, 4:20] = 1
     runs = {
-        "t2i": lambda: pipe(PROMPTS, steps=6, generator=gen(1), output_type="tokens"),
-        "img2img": lambda: pipe.img2img(PROMPTS, image, 0.7, steps=6, generator=gen(2), output_type="tokens"),
-        "inpaint": lambda: pipe.inpaint(PROMPTS, image, mask, steps=6, generator=gen(3), output_type="tokens"),
+        "t2i": lambda: pipe(PROMPTS, steps=6, generator=seeded(1), output_type="tokens"),
+        "img2img": lambda: pipe.img2img(PROMPTS, image, 0.7, steps=6, generator=seeded(2), output_type="tokens"),
+        "inpaint": lambda: pipe.inpaint(PROMPTS, image, mask, steps=6, generator=seeded(3), output_type="tokens"),
     }
     eager = {name: run() for name, run in runs.items()}
     pipe.compile()
@@ -110,7 +106,7 @@ def test_the_step_has_no_random_draws_and_compiles_whole(hub, one_thread):
     pipe = Amused.from_pretrained(hub)
     conds = pipe.conditions(PROMPTS, None, 1, True, (32, 32), 6.0, (0, 0))
     tokens = torch.full((2, 8, 8), pipe.mask_id)
-    noise = amused.draw_step_noise(2, 64, pipe.transformer.cfg.codebook_size, torch.float32, pipe.device, gen(0),
+    noise = amused.draw_step_noise(2, 64, pipe.transformer.cfg.codebook_size, torch.float32, pipe.device, seeded(0),
                                    last=False)
     args = (pipe.transformer, conds, tokens, noise, torch.tensor(40), torch.tensor(1.5))
     a, finite = amused.sampling_step(*args, mask_id=pipe.mask_id, guidance_scale=4.0)
@@ -130,7 +126,7 @@ def test_bf16_logits_follow_fp32(hub, one_thread):
     3% (bf16 keeps 8 bits of mantissa, 2^-9 = 0.2% per rounding, accumulated over a few dozen layers) and the
     same top-1 token at >= 90% of the positions. Measured here: 1.4% and 99.2%."""
     fp32, bf16 = Amused.from_pretrained(hub), Amused.from_pretrained(hub, dtype=torch.bfloat16, exact=False)
-    ids = torch.randint(0, fp32.transformer.cfg.codebook_size, (4, 8, 8), generator=gen(0))
+    ids = torch.randint(0, fp32.transformer.cfg.codebook_size, (4, 8, 8), generator=seeded(0))
     ids[:, ::2] = fp32.mask_id  # half masked, as mid-generation
     logits = {}
     for name, pipe in (("fp32", fp32), ("bf16", bf16)):

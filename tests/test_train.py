@@ -32,7 +32,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_UVIT, assert_close, perturb_, reference_pipeline, save_hub_checkpoint, smooth_images
+from conftest import ROOT, TINY_UVIT, assert_close, perturb_, reference_pipeline, save_hub_checkpoint, seeded, smooth_images
 import train
 import uvit
 from amused import Amused, training_mask_count
@@ -80,10 +80,6 @@ def run(files, out, **kw):
     args = dict(checkpoint=files["hub"], data=files["data"], out=str(files["root"] / out), batch_size=2,
                 max_steps=4, log_every=1, save_every=0, device="cpu")
     return train.main(**{**args, **kw})
-
-
-def seeded(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def read_log(files, out):
