@@ -350,10 +350,11 @@ class Amused:
         device = torch.device(device)
         speed.check(device, exact)
         dtype, int8, self.dtype_reason = speed.resolve_dtype(dtype, device, exact)
-        self.int8 = int8 or quantize.is_int8(ckpt.transformer)
+        stored_int8 = quantize.is_int8(ckpt.transformer)  # an int8 file
+        self.int8 = int8 or stored_int8
         if self.int8:
             quantize.check(device)  # a clear error, before anything moves, where int8 matmuls do not run
-        if int8 and not quantize.is_int8(ckpt.transformer):
+        if int8 and not stored_int8:
             quantize.quantize_(ckpt.transformer)  # from the checkpoint's weights, before a cast to dtype
         self.tokenizer: clip_text.CLIPTokenizer = ckpt.tokenizer
         self.text_encoder: clip_text.CLIPTextEncoder = ckpt.text_encoder.to(device, dtype)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import quantize  # noqa: E402
 import speed  # noqa: E402
 from amused import Amused  # noqa: E402
-from cli import DTYPES  # noqa: E402
+from cli import DTYPES, dtype_name  # noqa: E402
 from convert_weights import COMPONENTS, Checkpoint, build  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse on the moon, highly detailed"
@@ -83,7 +83,7 @@ def variants(ref, tok: Path, device: str, dtypes: list[str], compile: bool) -> d
             out["diffusers bf16"] = (theirs(copy.deepcopy(ref).to(dtype=torch.bfloat16)), "diffusers")
         out["ours fp32 exact"] = (ours(ours_from(ref, tok, device, torch.float32, True)), "ours")
         fast = ours_from(ref, tok, device, "auto", False)
-        out[f"ours auto ({next(k for k, v in DTYPES.items() if v == fast.dtype)}, fast)"] = (ours(fast), "ours")
+        out[f"ours auto ({dtype_name(fast.dtype)}, fast)"] = (ours(fast), "ours")
         if quantize.int8_available(device):
             out["ours int8 (U-ViT linears; the rest auto)"] = (ours(ours_from(ref, tok, device, "int8", False)), "ours")
         return out

@@ -13,6 +13,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --dtype names
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The --dtype name of a torch dtype: "bf16" for torch.bfloat16."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # 130 = 128 + SIGINT, what shells report for a Ctrl-C
 
 

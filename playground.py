@@ -62,7 +62,7 @@ import amused
 import cli
 import sample
 from amused import Amused
-from cli import DTYPES, UsageError
+from cli import UsageError
 
 PAGE = Path(__file__).with_name("playground.html")  # the page: HTML, CSS and JavaScript in one file
 MODES = ("text-to-image", "img2img", "inpaint")  # sample.Job's names
@@ -319,7 +319,7 @@ class Playground:
         cfg = self.pipe.transformer.cfg
         return dict(checkpoint=self.checkpoint, resolution=self.pipe.resolution, tokens=cfg.sample_size,
                     device=str(self.pipe.device),
-                    dtype="int8" if self.pipe.int8 else next(k for k, v in DTYPES.items() if v == self.pipe.dtype),
+                    dtype="int8" if self.pipe.int8 else cli.dtype_name(self.pipe.dtype),
                     max_steps=self.max_steps, max_images=MAX_IMAGES, max_compare=MAX_COMPARE,
                     max_upload_bytes=MAX_UPLOAD_BYTES, max_prompt_chars=MAX_PROMPT_CHARS)
 

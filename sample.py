@@ -109,7 +109,7 @@ def resolve_dtype(name: str, device: str, exact: bool) -> tuple[torch.dtype | st
     if name in DTYPES:
         return DTYPES[name], name
     dtype, int8, why = speed.resolve_dtype(name, torch.device(device), exact)
-    return ("int8", f"int8 ({why})") if int8 else (dtype, f"{next(k for k, v in DTYPES.items() if v == dtype)} (auto: {why})")
+    return ("int8", f"int8 ({why})") if int8 else (dtype, f"{cli.dtype_name(dtype)} (auto: {why})")
 
 
 def resolve_generator_device(name: str, device: str) -> str:
