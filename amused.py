@@ -1,24 +1,20 @@
 """amused.py: the aMUSEd pipeline. Text (and optionally an image and a mask) in, tokens and images out.
 
-How sampling works (MUSE, Chang et al. 2023, §2.6; aMUSEd, Patil et al. 2024, §3):
-  1. Start from a token grid where every position holds the mask id (text-to-image), or from the VQ tokens of
-     an image with some of them masked (image-to-image: a random subset; inpainting: the masked region).
-  2. Each step, the U-ViT predicts a distribution over the codebook at every position. We sample a token at
-     every masked position, then keep the most confident of them and mask the rest again. How many stay masked
-     after step i follows a schedule (cosine for generation, linear for inpainting), so the grid fills up over
-     ~12 steps. Confidence is the sampled token's probability, noised with Gumbel noise whose temperature falls
-     from 2 to 0 (randomness early, greed late).
-  3. Classifier-free guidance: each step runs the model on [negative prompt; prompt] in one batch and moves the
-     logits away from the negative prompt's: uncond + g * (cond - uncond).
+  1. The prompt: the CLIP tokenizer and text encoder, then everything the U-ViT computes from the prompt alone
+     (Amused.conditions), with the micro-conditioning (image size, crop, aesthetic score).
+  2. The starting tokens: an all-masked grid (text to image), or the VQ tokens of an image with some of them masked
+     (image to image: a random subset; inpainting: the masked region).
+  3. The sampling loop (sampling.generate): step by step the U-ViT predicts the masked tokens and the sampler
+     commits some of them, with classifier-free guidance, until none is masked. sampling.py says how.
   4. The VQGAN decodes the final grid to pixels.
 
 Matches diffusers' AmusedPipeline, AmusedImg2ImgPipeline, AmusedInpaintPipeline and AmusedScheduler: same seed
-(a torch.Generator), same tokens, drawing the same random numbers in the same order (tests/test_amused.py).
+(a torch.Generator), same tokens, drawing the same random numbers in the same order (tests/test_amused.py), at
+every image size. The other samplers (sampler=, guidance_schedule=, ...) are options beside it.
 """
 import json
 import math
 import warnings
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,198 +24,12 @@ from safetensors import SafetensorError, safe_open
 
 import clip_text
 import quantize
+import sampling
 import speed
 import uvit
 import vqgan
 from convert_weights import Checkpoint, load_checkpoint
-
-# ----------------------------------------------------------------------------------------------------
-# Schedules: pure functions, shared by sampling and training (train.py)
-
-SCHEDULES = ("cosine", "linear")
-
-
-def mask_ratio(progress: torch.Tensor, schedule: str = "cosine") -> torch.Tensor:
-    """Fraction of tokens masked at `progress` in [0, 1] (float tensor): 1 at 0, 0 at 1."""
-    if schedule == "cosine":
-        return torch.cos(progress * math.pi / 2)
-    if schedule == "linear":
-        return 1 - progress
-    raise ValueError(f"unknown masking schedule {schedule!r}; expected one of {SCHEDULES}")
-
-
-def sampling_mask_counts(steps: int, seq_len: int, schedule: str = "cosine",
-                         starting_mask_ratio: float | torch.Tensor = 1.0) -> torch.Tensor:
-    """How many of `seq_len` tokens stay masked after each sampling step of `steps`, before the clamps of
-    unmask_step: the floor of seq_len * mask_ratio, (steps,) long; 0 after the last step. On the device of
-    starting_mask_ratio when it is a tensor (inpainting's masked fraction), so that reading it costs no sync.
-
-    Matches reference: AmusedScheduler.step computes this in float32 tensors: (step + 1) / steps, the cosine,
-    the product and the floor. The float32 rounding matters: at steps=12, step=7 the cosine of 2/3 * pi/2 is
-    0.49999997, so 127 of 256 tokens stay masked, where float64 would give 128. Each cosine is taken on the CPU, one
-    0-d tensor at a time as the reference does, so the counts depend neither on the device's cos nor on a SIMD
-    kernel's."""
-    ratios = torch.stack([mask_ratio(torch.tensor(step + 1) / steps, schedule) for step in range(steps)])  # float32
-    if isinstance(starting_mask_ratio, torch.Tensor):
-        ratios = ratios.to(starting_mask_ratio.device)
-    counts = (seq_len * (starting_mask_ratio * ratios)).floor().long()
-    counts[-1] = 0  # the last step commits every token
-    return counts
-
-
-def training_mask_count(t: torch.Tensor, seq_len: int, min_masking_rate: float = 0.0,
-                        schedule: str = "cosine") -> torch.Tensor:
-    """How many of seq_len tokens a training example masks at times t (B,) in [0, 1) -> (B,) long, each >= 1:
-    seq_len * mask_ratio(t) *rounded* (where the sampler floors), at least min_masking_rate of them.
-
-    Matches reference: train_amused.py: round(L * max(mask_ratio(t), min_masking_rate)), then at least one
-    (cos(pi/2 * t) reaches 0 as t -> 1, and an example with nothing masked would have no loss)."""
-    ratio = mask_ratio(t, schedule).clamp(min=min_masking_rate)
-    return (seq_len * ratio).round().clamp(min=1).long()
-
-
-def temperature_schedule(temperature, steps: int) -> torch.Tensor:
-    """The Gumbel temperature of each of `steps` steps, (steps,) float32: from temperature[0] to temperature[1] for
-    a pair, from temperature to 0.01 for a number. Matches reference: AmusedScheduler.set_timesteps."""
-    if isinstance(temperature, (tuple, list)):
-        return torch.linspace(temperature[0], temperature[1], steps)
-    return torch.linspace(temperature, 0.01, steps)
-
-
-# ----------------------------------------------------------------------------------------------------
-# One sampling step. Its random numbers are drawn first (draw_step_noise), with the explicit generator; what
-# follows is deterministic and sync-free, so that torch.compile can capture the whole step as one graph.
-
-
-class StepNoise(NamedTuple):
-    """The random numbers of one sampling step, in the order the reference draws them."""
-    exponential: torch.Tensor  # (B * L, K) Exp(1): the categorical draw at every position (sample_categorical)
-    uniform: torch.Tensor | None  # (B, L) in [0, 1): the Gumbel noise of the confidence; None on the last step
-
-
-def draw_step_noise(B: int, L: int, K: int, dtype: torch.dtype, device: torch.device,
-                    generator: torch.Generator | None, last: bool) -> StepNoise:
-    """Draw step noise on the generator's device (so a CPU generator gives diffusers' CPU draws anywhere), then
-    move it to `device`. dtype: the logits'.
-
-    Matches reference: AmusedScheduler.step moves the probabilities to the generator's device and, on the CPU,
-    to float32 (torch.multinomial has no CPU half): the exponentials are float32 on the CPU, in the logits' dtype
-    elsewhere. The uniforms come from scheduling_amused.gumbel_noise: uniform_ in the logits' dtype (so fp16 runs
-    draw fp16 uniforms). None on the last step, which re-masks nothing."""
-    where = generator.device if generator is not None else device
-    exp_dtype = torch.float32 if where.type == "cpu" else dtype
-    q = torch.empty(B * L, K, dtype=exp_dtype, device=where).exponential_(1, generator=generator)
-    u = None if last else torch.zeros(B, L, dtype=dtype, device=where).uniform_(0, 1, generator=generator)
-    return StepNoise(q.to(device), None if u is None else u.to(device))
-
-
-def gumbel(u: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) noise from uniforms u. Matches reference: clamped away from 0 before each log."""
-    return -torch.log((-torch.log(u.clamp(1e-20))).clamp(1e-20))
-
-
-def sample_categorical(probs: torch.Tensor, exponential: torch.Tensor) -> torch.Tensor:
-    """One draw from each row of probs (N, K) -> (N, 1), given exponential = Exp(1) noise (N, K):
-    torch.multinomial(probs, 1, generator=g) exactly, when exponential was drawn from g as draw_step_noise does.
-
-    multinomial draws one sample by the Gumbel-max trick (its n_sample == 1 path in ATen's Distributions.cpp):
-    q ~ Exp(1) for every entry, then argmax(probs / q). We do the same operations, so the random numbers, their
-    order and the result are the same, but skip its two validity checks, which read values back to the host: a
-    sync every step on a GPU. Non-finite logits are caught once per generation instead (generate).
-    """
-    return (probs / exponential).argmax(dim=-1, keepdim=True)
-
-
-def unmask_step(logits, tokens, noise: StepNoise, n_masked: torch.Tensor, temperature: torch.Tensor, *,
-                mask_id: int) -> torch.Tensor:
-    """Sample every masked position, then re-mask the least confident ones (diffusers AmusedScheduler.step).
-
-    logits: (B, K, h, w) guided logits over the codebook; tokens: (B, h, w) long, mask_id where masked; noise:
-    draw_step_noise's; n_masked: 0-d, how many the schedule leaves masked (sampling_mask_counts); temperature: 0-d,
-    this step's Gumbel temperature. Returns the new tokens (B, h, w).
-    """
-    B, K, h, w = logits.shape
-    L = h * w
-    tokens = tokens.reshape(B, L)
-    logits = logits.reshape(B, K, L).permute(0, 2, 1)  # (B, L, K)
-    masked = tokens == mask_id  # (B, L)
-    probs = logits.softmax(dim=-1)  # (B, L, K), in the model's dtype like the reference
-
-    # A candidate for every position; committed tokens never change.
-    pred = sample_categorical(probs.reshape(B * L, K), noise.exponential).view(B, L)
-    pred = torch.where(masked, pred, tokens)
-    if noise.uniform is None:
-        return pred.view(B, h, w)  # the last step commits everything
-
-    # How many to re-mask: the schedule's count, but fewer than are masked now, and at least one.
-    n_remask = torch.minimum(masked.sum(dim=-1, keepdim=True) - 1, n_masked).clamp(min=1)  # (B, 1)
-
-    # Confidence: log-probability of the sampled token plus annealed Gumbel noise; committed tokens get the
-    # largest finite value so they are never chosen for re-masking.
-    chosen = probs.gather(-1, pred[..., None])[..., 0]  # (B, L)
-    chosen = torch.where(masked, chosen, torch.finfo(chosen.dtype).max)
-    # Matches reference: the temperature is a float32 (1, 1) tensor there, so in fp16 runs the confidence is
-    # promoted to float32 (a 0-d tensor would not promote).
-    confidence = torch.log(chosen.clamp(1e-20)) + temperature.reshape(1, 1) * gumbel(noise.uniform)
-    cutoff = confidence.sort(dim=-1).values.gather(1, n_remask)  # the n-th smallest confidence, (B, 1)
-    return torch.where(confidence < cutoff, mask_id, pred).view(B, h, w)
-
-
-def sampling_step(transformer: uvit.UViT, conds: uvit.Conditions, tokens: torch.Tensor, noise: StepNoise,
-                  n_masked: torch.Tensor, temperature: torch.Tensor, *, mask_id: int,
-                  guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step on tokens (B, h, w) -> (new tokens (B, h, w), whether every logit was finite (0-d bool)).
-    No random draws and no host syncs: speed.compile_step captures it whole (fullgraph)."""
-    guided = guidance_scale > 1.0  # matches reference: guidance only when strictly above 1
-    # 1. Logits over the codebook at every position; with guidance, one batch [negative; positive].
-    logits = transformer(torch.cat([tokens, tokens]) if guided else tokens, conds)  # (2B or B, K, h, w)
-    # 2. Classifier-free guidance: away from the negative prompt's prediction, towards the prompt's.
-    if guided:
-        uncond, cond = logits.chunk(2)
-        logits = uncond + guidance_scale * (cond - uncond)  # (B, K, h, w)
-    # NaN or +inf logits make NaN probabilities, which torch.multinomial would reject with a host-side check
-    # every step (sample_categorical skips it): the same test, kept on the device.
-    finite = logits.amax() < math.inf
-    # 3. Sample every masked position, keep the most confident samples, re-mask the rest.
-    return unmask_step(logits, tokens, noise, n_masked, temperature, mask_id=mask_id), finite
-
-
-# ----------------------------------------------------------------------------------------------------
-# The sampling loop
-
-
-@torch.no_grad()
-def generate(transformer: uvit.UViT, conds: uvit.Conditions, tokens: torch.Tensor, *, mask_id: int, steps: int,
-             start: int = 0, guidance_scale: float = 10.0, temperatures: torch.Tensor, schedule: str = "cosine",
-             starting_mask_ratio: float | torch.Tensor = 1.0, generator: torch.Generator | None = None,
-             callback=None, step_fn=sampling_step) -> torch.Tensor:
-    """Steps start..steps-1 of a `steps`-step schedule on tokens (B, h, w), mask_id where masked -> the final
-    tokens (B, h, w), none masked. Text to image starts at 0 from an all-masked grid; image to image and
-    inpainting start later, from an image's tokens with some masked.
-
-    conds: the U-ViT's conditions for [negative prompts; prompts] (2B) when guidance_scale > 1, else for the prompts
-    (B). temperatures: (steps,), the Gumbel temperature of each step. callback(step, tokens) after every step.
-    step_fn: sampling_step, or the same compiled (speed.compile_step).
-    """
-    B, h, w = tokens.shape
-    K, dtype = transformer.cfg.codebook_size, transformer.mlm_layer.conv2.weight.dtype  # the logits' size and dtype
-    # The schedule's counts and temperatures on the device, before the loop: nothing inside it reads back to the host.
-    counts = sampling_mask_counts(steps, h * w, schedule, starting_mask_ratio).to(tokens.device)
-    temperatures = temperatures.to(tokens.device)
-    finite = torch.ones((), dtype=torch.bool, device=tokens.device)  # read once, after the loop
-    for step in range(start, steps):
-        noise = draw_step_noise(B, h * w, K, dtype, tokens.device, generator, last=step == steps - 1)
-        tokens, step_finite = step_fn(transformer, conds, tokens, noise, counts[step], temperatures[step],
-                                      mask_id=mask_id, guidance_scale=guidance_scale)
-        finite &= step_finite
-        if callback is not None:
-            callback(step, tokens)
-    if not finite:
-        why = ("in float16 an overflow: rerun in torch.bfloat16 or torch.float32" if dtype == torch.float16
-               else "check that the weights, guidance_scale and micro-conditioning are finite")
-        raise FloatingPointError(f"the U-ViT's logits were NaN or infinite at some step ({dtype}; {why})")
-    return tokens
-
+from sampling import Generators, Sampler, generate, mask_ratio, temperature_schedule, uniform
 
 # ----------------------------------------------------------------------------------------------------
 # Images in and out
@@ -271,13 +81,13 @@ def pil_to_rgb(image: Image.Image) -> Image.Image:
         raise ValueError(f"Pillow cannot convert this {image.mode} image to RGB ({e}): save it as RGB") from e
 
 
-def preprocess_image(image, size: int, multiple: int = 16) -> torch.Tensor:
-    """An image (PIL, or tensor (B, 3, H, W) / (3, H, W) in [0, 1]) -> (B, 3, size, size) in [0, 1].
+def preprocess_image(image, multiple: int = 16) -> torch.Tensor:
+    """An image (PIL, or tensor (B, 3, H, W) / (3, H, W) in [0, 1]) -> (B, 3, H', W') in [0, 1], each side cut
+    down to a multiple of `multiple` (the VQ's pixels per token).
 
-    Matches reference: VaeImageProcessor(vae_scale_factor=16).preprocess: a side that is not a multiple of 16
-    (the VQ's pixels per token) is cut down to one by resizing (Lanczos for PIL, nearest for tensors). We warn
-    when that happens, and since the U-ViT only works on its own grid size, any other size is an error rather
-    than a silent resize."""
+    Matches reference: VaeImageProcessor(vae_scale_factor=16).preprocess keeps the image's own size but for that
+    cut, done by resizing (Lanczos for PIL, nearest for tensors): a 500x300 image becomes 496x288. We warn when it
+    happens."""
     if not isinstance(image, (Image.Image, torch.Tensor)):
         raise TypeError(f"image must be a PIL image or a torch tensor (for a file: PIL.Image.open(path)), "
                         f"got {type(image).__name__}")
@@ -285,11 +95,11 @@ def preprocess_image(image, size: int, multiple: int = 16) -> torch.Tensor:
         image = pil_to_rgb(image)  # the reference would pass an RGBA image's 4 channels on and fail
     H, W = (image.height, image.width) if isinstance(image, Image.Image) else tuple(image.shape[-2:])
     h_cut, w_cut = H - H % multiple, W - W % multiple
+    if h_cut == 0 or w_cut == 0:
+        raise ValueError(f"image is {W}x{H}: each side needs at least {multiple} pixels (one token)")
     if (h_cut, w_cut) != (H, W):
         warnings.warn(f"image is {W}x{H}, not a multiple of {multiple}: resized to {w_cut}x{h_cut} like the "
                       f"reference", stacklevel=3)
-    if (h_cut, w_cut) != (size, size):
-        raise ValueError(f"image is {W}x{H}; this model works on {size}x{size} images: resize or crop it first")
     if isinstance(image, Image.Image):
         return pil_to_tensor(image.resize((w_cut, h_cut), resample=Image.LANCZOS))
     t = image[None] if image.ndim == 3 else image
@@ -332,6 +142,10 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 # The pipeline
 
 OUTPUT_TYPES = ("pil", "pt", "tokens")
+# The largest image, in multiples of the model's pixel count (1024x1024 for amused-256): beyond it a step costs over
+# ~25x the model's size's (attention grows with the square of the tokens) and its memory grows alike; the reference
+# has no bound.
+MAX_PIXELS = 16
 
 
 class Amused:
@@ -364,7 +178,7 @@ class Amused:
         self.mask_id = ckpt.mask_token_id
         self.schedule = ckpt.masking_schedule  # of text to image and image to image; inpainting's is linear
         self.device, self.dtype, self.exact = device, dtype, exact
-        self.step_fn = sampling_step  # compile() swaps in the compiled step
+        self.step_fn = sampling.sampling_step  # compile() swaps in the compiled step
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | str = torch.float32, variant: str | None = None,
@@ -377,12 +191,13 @@ class Amused:
 
     def compile(self) -> None:
         """From the next call on, sample with the whole step compiled (speed.compile_step). The first call of each
-        new shape (batch size, guidance on or off) compiles: tens of seconds."""
-        self.step_fn = speed.compile_step(sampling_step, self.device)
+        new shape (batch size, image size, guidance on or off) compiles: tens of seconds."""
+        self.step_fn = speed.compile_step(sampling.sampling_step, self.device)
 
     @property
     def resolution(self) -> int:
-        """Image side in pixels: 256 (amused-256) or 512 (amused-512)."""
+        """The image side the model was trained at, in pixels: 256 (amused-256) or 512 (amused-512); text to
+        image's default height and width."""
         return self.transformer.cfg.sample_size * self.vqvae.cfg.downsample_factor
 
     @torch.no_grad()
@@ -408,33 +223,55 @@ class Amused:
         return self.transformer.encode_conditions(hidden, pooled, micro.expand(hidden.shape[0], -1))
 
     @torch.no_grad()
-    def __call__(self, prompt, negative_prompt=None, *, steps: int = 12, guidance_scale: float = 10.0,
-                 temperature=(2.0, 0.0), generator: torch.Generator | None = None, num_images_per_prompt: int = 1,
-                 aesthetic_score: float = 6.0, crop_coords=(0, 0), output_type: str = "pil", callback=None):
-        """Text to image. prompt: a string or a list. Returns PIL images, a (B, 3, H, W) tensor in [0, 1], or
-        tokens (B, h, w), per output_type; B = len(prompt) * num_images_per_prompt, ordered [p0, p1, p0, p1]."""
+    def __call__(self, prompt, negative_prompt=None, *, height: int | None = None, width: int | None = None,
+                 steps: int = 12, guidance_scale: float = 10.0,
+                 temperature=(2.0, 0.0), generator: Generators = None, num_images_per_prompt: int = 1,
+                 aesthetic_score: float = 6.0, crop_coords=(0, 0), output_type: str = "pil", callback=None,
+                 sampler: str = "confidence", guidance_schedule: str = "constant",
+                 guidance_from: float = 0.5, mask_schedule: str | None = None, softmax_temperature=1.0,
+                 halton_roll: bool = True):
+        """Text to image. prompt: a string or a list. height, width: in pixels, multiples of size_multiple (default:
+        the model's resolution). Returns PIL images, a (B, 3, H, W) tensor in [0, 1], or tokens (B, h, w), per
+        output_type; B = len(prompt) * num_images_per_prompt, ordered [p0, p1, p0, p1].
+
+        generator: one torch.Generator, or a list of one per image (each image then as if drawn alone). sampler
+        and the keywords after it choose how tokens are drawn (sampling.Sampler); the defaults are the reference's:
+        sampler "confidence" (MaskGIT's) or "halton"; guidance_schedule "constant", "ramp" or "interval" (unguided
+        before guidance_from x steps: fewer U-ViT passes); mask_schedule None (the mode's), "cosine", "linear" or
+        "arccos"; softmax_temperature of the draws (a pair ramps from the first step to the last); halton_roll.
+        temperature is the confidence sampler's Gumbel temperature."""
         prompts = self._check(prompt, steps, guidance_scale, temperature, num_images_per_prompt, aesthetic_score,
-                              crop_coords, output_type)
-        s, B = self.transformer.cfg.sample_size, len(prompts) * num_images_per_prompt
-        tokens = torch.full((B, s, s), self.mask_id, dtype=torch.long, device=self.device)  # all masked
+                              crop_coords, output_type, generator)
+        how = self._sampler(sampler, guidance_schedule, guidance_from, mask_schedule, softmax_temperature,
+                            halton_roll)
+        height = self.resolution if height is None else height
+        width = self.resolution if width is None else width
+        h, w = self.token_grid(height, width, f"height {height}, width {width}")
+        B = len(prompts) * num_images_per_prompt
+        tokens = torch.full((B, h, w), self.mask_id, dtype=torch.long, device=self.device)  # all masked
         with speed.kernels(self.device, self.exact):
-            conds = self.conditions(prompts, negative_prompt, num_images_per_prompt, guidance_scale > 1,
-                                    (self.resolution, self.resolution), aesthetic_score, crop_coords)
-            tokens = generate(self.transformer, conds, tokens, mask_id=self.mask_id, steps=steps,
-                              guidance_scale=guidance_scale, temperatures=temperature_schedule(temperature, steps),
-                              schedule=self.schedule, generator=generator, callback=callback, step_fn=self.step_fn)
+            # Matches reference: the micro-conditioning's size is the requested (width, height)
+            tokens = self._sample(tokens, prompts, negative_prompt, num_images_per_prompt, (width, height),
+                                  aesthetic_score, crop_coords, how, steps=steps, start=0,
+                                  guidance_scale=guidance_scale, temperature=temperature, schedule=self.schedule,
+                                  generator=generator, callback=callback)
             return self._output(tokens, output_type)
 
     @torch.no_grad()
     def img2img(self, prompt, image, strength: float = 0.5, negative_prompt=None, *, steps: int = 12,
-                guidance_scale: float = 10.0, temperature=(2.0, 0.0), generator: torch.Generator | None = None,
+                guidance_scale: float = 10.0, temperature=(2.0, 0.0), generator: Generators = None,
                 num_images_per_prompt: int = 1, aesthetic_score: float = 6.0, crop_coords=(0, 0),
-                output_type: str = "pil", callback=None):
+                output_type: str = "pil", callback=None, sampler: str = "confidence",
+                guidance_schedule: str = "constant", guidance_from: float = 0.5, mask_schedule: str | None = None,
+                softmax_temperature=1.0, halton_roll: bool = True):
         """Image to image: mask a random fraction of the image's tokens (more for higher strength), then run the
-        last int(steps * strength) steps of the schedule. image: PIL, or a tensor in [0, 1]."""
+        last int(steps * strength) steps of the schedule. image: PIL, or a tensor in [0, 1], at its own size (each
+        side cut down to a multiple of 16 pixels, like the reference). The other keywords as in __call__."""
         prompts = self._check(prompt, steps, guidance_scale, temperature, num_images_per_prompt, aesthetic_score,
-                              crop_coords, output_type, strength)
-        pixels = preprocess_image(image, self.resolution, self.vqvae.cfg.downsample_factor).to(self.device)
+                              crop_coords, output_type, generator, strength)
+        how = self._sampler(sampler, guidance_schedule, guidance_from, mask_schedule, softmax_temperature,
+                            halton_roll)
+        pixels = self._image(image)
         start = steps - int(steps * strength)  # the first step to run: strength 0.5 of 12 steps runs steps 6..11
         if start == steps:
             warnings.warn(f"strength {strength} x {steps} steps rounds down to 0 steps: the output is the input "
@@ -445,27 +282,34 @@ class Amused:
             # probability mask_ratio((start' + 1) / steps), start' = start - 1 (Python's index -1, i.e. the last
             # step, when strength is 1: then the cosine's ratio is cos(pi/2) < 0 and nothing is masked at all).
             ratio = mask_ratio(torch.tensor((start - 1) % steps + 1) / steps, self.schedule)
-            draw = torch.rand(tokens.shape, generator=generator,
-                              device=generator.device if generator is not None else tokens.device).to(tokens.device)
-            tokens = torch.where(draw < ratio, self.mask_id, tokens)
-            tokens = self._batch(tokens, len(prompts), "image").repeat(num_images_per_prompt, 1, 1)
-            conds = self.conditions(prompts, negative_prompt, num_images_per_prompt, guidance_scale > 1,
-                                    (pixels.shape[-1], pixels.shape[-2]), aesthetic_score, crop_coords)
-            tokens = generate(self.transformer, conds, tokens, mask_id=self.mask_id, steps=steps, start=start,
-                              guidance_scale=guidance_scale, temperatures=temperature_schedule(temperature, steps),
-                              schedule=self.schedule, generator=generator, callback=callback, step_fn=self.step_fn)
+            if isinstance(generator, list):  # one draw per output image, from that image's generator
+                tokens = self._batch(tokens, len(prompts), "image").repeat(num_images_per_prompt, 1, 1)
+                tokens = torch.where(uniform(tokens.shape, generator, self.device) < ratio, self.mask_id, tokens)
+            else:  # matches reference: one draw per input image, before the batch is repeated
+                tokens = torch.where(uniform(tokens.shape, generator, self.device) < ratio, self.mask_id, tokens)
+                tokens = self._batch(tokens, len(prompts), "image").repeat(num_images_per_prompt, 1, 1)
+            tokens = self._sample(tokens, prompts, negative_prompt, num_images_per_prompt,
+                                  (pixels.shape[-1], pixels.shape[-2]), aesthetic_score, crop_coords, how,
+                                  steps=steps, start=start, guidance_scale=guidance_scale, temperature=temperature,
+                                  schedule=self.schedule, generator=generator, callback=callback)
             return self._output(tokens, output_type)
 
     @torch.no_grad()
     def inpaint(self, prompt, image, mask, strength: float = 1.0, negative_prompt=None, *, steps: int = 12,
-                guidance_scale: float = 10.0, temperature=(2.0, 0.0), generator: torch.Generator | None = None,
+                guidance_scale: float = 10.0, temperature=(2.0, 0.0), generator: Generators = None,
                 num_images_per_prompt: int = 1, aesthetic_score: float = 6.0, crop_coords=(0, 0),
-                output_type: str = "pil", callback=None):
+                output_type: str = "pil", callback=None, sampler: str = "confidence",
+                guidance_schedule: str = "constant", guidance_from: float = 0.5, mask_schedule: str | None = None,
+                softmax_temperature=1.0, halton_roll: bool = True):
         """Inpainting: mask the image's tokens under the mask (white = repaint) and fill them in. The rest of the
-        image comes back as its VQ reconstruction (it is not pasted back), like the reference."""
+        image comes back as its VQ reconstruction (it is not pasted back), like the reference. The image is used at
+        its own size, as in img2img; the mask (the image's aspect ratio) is resized to the token grid. The other
+        keywords as in __call__."""
         prompts = self._check(prompt, steps, guidance_scale, temperature, num_images_per_prompt, aesthetic_score,
-                              crop_coords, output_type, strength)
-        pixels = preprocess_image(image, self.resolution, self.vqvae.cfg.downsample_factor).to(self.device)
+                              crop_coords, output_type, generator, strength)
+        how = self._sampler(sampler, guidance_schedule, guidance_from, mask_schedule, softmax_temperature,
+                            halton_roll)
+        pixels = self._image(image)
         start = steps - int(steps * strength)
         if start == steps:
             raise ValueError(f"strength {strength} x {steps} steps rounds down to 0 steps: nothing would fill the mask")
@@ -477,14 +321,37 @@ class Amused:
             # Matches reference: the count schedule is scaled by the masked fraction, a float32 0-d tensor
             starting_mask_ratio = tokens.eq(self.mask_id).sum() / tokens.numel()
             tokens = self._batch(tokens, len(prompts), "image").repeat(num_images_per_prompt, 1, 1)
-            conds = self.conditions(prompts, negative_prompt, num_images_per_prompt, guidance_scale > 1,
-                                    (pixels.shape[-1], pixels.shape[-2]), aesthetic_score, crop_coords)
             # Matches reference: AmusedInpaintPipeline switches its scheduler to the linear schedule.
-            tokens = generate(self.transformer, conds, tokens, mask_id=self.mask_id, steps=steps, start=start,
-                              guidance_scale=guidance_scale, temperatures=temperature_schedule(temperature, steps),
-                              schedule="linear", starting_mask_ratio=starting_mask_ratio, generator=generator,
-                              callback=callback, step_fn=self.step_fn)
+            tokens = self._sample(tokens, prompts, negative_prompt, num_images_per_prompt,
+                                  (pixels.shape[-1], pixels.shape[-2]), aesthetic_score, crop_coords, how,
+                                  steps=steps, start=start, guidance_scale=guidance_scale, temperature=temperature,
+                                  schedule="linear", starting_mask_ratio=starting_mask_ratio, generator=generator,
+                                  callback=callback)
             return self._output(tokens, output_type)
+
+    def _sample(self, tokens, prompts, negative_prompt, n, size, aesthetic_score, crop_coords, how: Sampler, *,
+                steps, start, guidance_scale, temperature, schedule, generator, callback, starting_mask_ratio=1.0):
+        """The conditions (with the negative prompts when any step to run is guided), then the sampling loop."""
+        scales = sampling.guidance_scales(guidance_scale, steps, how.guidance_schedule, how.guidance_from)
+        conds = self.conditions(prompts, negative_prompt, n, max(scales[start:]) > 1, size, aesthetic_score,
+                                crop_coords)
+        return generate(self.transformer, conds, tokens, mask_id=self.mask_id, steps=steps, start=start,
+                        guidance_scale=guidance_scale, temperatures=temperature_schedule(temperature, steps),
+                        schedule=schedule, starting_mask_ratio=starting_mask_ratio, generator=generator,
+                        sampler=how, callback=callback, step_fn=self.step_fn)
+
+    @staticmethod
+    def _sampler(name, guidance_schedule, guidance_from, mask_schedule, softmax_temperature, halton_roll) -> Sampler:
+        if isinstance(softmax_temperature, list):
+            softmax_temperature = tuple(softmax_temperature)
+        return Sampler(name, mask_schedule, guidance_schedule, guidance_from, softmax_temperature, halton_roll)
+
+    def _image(self, image) -> torch.Tensor:
+        """An init image as pixels (B, 3, H, W) on the device, at its own size cut to the token size."""
+        pixels = preprocess_image(image, self.vqvae.cfg.downsample_factor)
+        H, W = pixels.shape[-2:]
+        self.token_grid(H, W, f"the image ({W}x{H} once cut to whole tokens)")
+        return pixels.to(self.device)
 
     def _output(self, tokens: torch.Tensor, output_type: str):
         if output_type == "tokens":
@@ -496,7 +363,7 @@ class Amused:
     # Argument checks: everything that enters through the three methods above
 
     def _check(self, prompt, steps, guidance_scale, temperature, num_images_per_prompt, aesthetic_score, crop_coords,
-               output_type, strength=None) -> list[str]:
+               output_type, generator, strength=None) -> list[str]:
         if isinstance(prompt, str):
             prompt = [prompt]
         if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):
@@ -519,7 +386,38 @@ class Amused:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if strength is not None and not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
+        n_images = len(prompt) * num_images_per_prompt
+        if isinstance(generator, list) and (len(generator) != n_images
+                                            or not all(isinstance(g, torch.Generator) for g in generator)):
+            raise ValueError(f"generator: give one torch.Generator, or a list of one per image ({n_images} = "
+                             f"{len(prompt)} prompts x {num_images_per_prompt}), got a list of {len(generator)}")
+        if not (generator is None or isinstance(generator, (torch.Generator, list))):
+            raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), a list of "
+                            f"them (one per image) or None, got {type(generator).__name__}")
         return list(prompt)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VQ's pixels per token (16), times 2 when the U-ViT halves its
+        grid inside (amused-512: 32)."""
+        return self.vqvae.cfg.downsample_factor * (2 if self.transformer.cfg.downsample else 1)
+
+    def token_grid(self, height, width, what: str = "the image") -> tuple[int, int]:
+        """(h, w) of the token grid of a height x width image; ValueError naming sizes that work if it has none."""
+        m, f, res = self.size_multiple, self.vqvae.cfg.downsample_factor, self.resolution
+        for name, side in (("height", height), ("width", width)):
+            if not isinstance(side, int) or side < m or side % m:
+                ok = f"{max(m, side // m * m)} or {max(m, side // m * m) + m}" if isinstance(side, int) else f"{m}"
+                why = (f"{f} pixels per token, and this U-ViT halves its token grid inside" if m != f
+                       else f"{f} pixels per token")
+                raise ValueError(f"{what}: the {name} must be a multiple of {m} ({why}); got {side!r}: use e.g. {ok}")
+        if height * width > MAX_PIXELS * res * res:
+            side = res * int(MAX_PIXELS ** 0.5)
+            raise ValueError(f"{what}: {width}x{height} has {height * width / res ** 2:.1f}x the pixels of the model's "
+                             f"{res}x{res} images, above the bound of {MAX_PIXELS}x (e.g. {side}x{side}), past which a "
+                             f"step's time and memory grow with the square of the token count: use a smaller size, or "
+                             f"resize the image first")
+        return height // f, width // f
 
     @staticmethod
     def _check_mask(repaint: torch.Tensor, tokens: torch.Tensor) -> None:

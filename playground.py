@@ -61,8 +61,10 @@ from PIL import Image
 import amused
 import cli
 import sample
+import sampling
 from amused import Amused
 from cli import UsageError
+from sampling import Sampler
 
 PAGE = Path(__file__).with_name("playground.html")  # the page: HTML, CSS and JavaScript in one file
 MODES = ("text-to-image", "img2img", "inpaint")  # sample.Job's names
@@ -79,7 +81,9 @@ KEEPALIVE_S = 15  # an event stream with nothing to say sends a comment this oft
 FINISHED = ("done", "cancelled", "failed")
 # the settings a page may post to /api/generations
 FIELDS = ("mode", "prompt", "negative_prompt", "steps", "guidance_scale", "seed", "num_images", "strength", "image",
-          "mask", "frames")
+          "mask", "frames", "aspect", "sampler", "guidance_schedule")
+# text to image's choice of shape (width:height); each is drawn at about the model's pixel count (sample.model_size_at)
+ASPECTS = {"1:1": 1.0, "4:3": 4 / 3, "3:4": 3 / 4, "3:2": 3 / 2, "2:3": 2 / 3, "16:9": 16 / 9, "9:16": 9 / 16}
 # A page on another site can make the browser send a POST here, but without asking first (a CORS preflight, which
 # we never answer) only with one of these content types, or none. Refusing them keeps other sites from queueing work.
 SIMPLE_CONTENT_TYPES = ("", "application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
@@ -128,12 +132,16 @@ class Settings:
     frames: bool  # stream a frame after every step (a VQ decode per image and step)
     image: str | None  # upload id
     mask: str | None  # a PNG, as a data URL or base64
+    aspect: str | None  # text to image: a key of ASPECTS; None for img2img and inpaint (the image's own shape)
+    sampler: Sampler  # the sampler and its guidance schedule (sampling.py); the reference's by default
+    size: tuple[int, int] = (0, 0)  # (width, height) of the images, set when the model is known (Playground.submit)
 
     def public(self) -> dict:
         """What the page shows of them (the seed as a string: JavaScript's numbers are exact only to 2**53)."""
         return dict(mode=self.mode, prompt=self.prompt, negative_prompt=self.negative_prompt, steps=self.step_counts,
                     guidance_scale=self.guidance_scale, seed=str(self.seed), num_images=self.num_images,
-                    strength=self.strength)
+                    strength=self.strength, aspect=self.aspect, width=self.size[0], height=self.size[1],
+                    sampler=self.sampler.name, guidance_schedule=self.sampler.guidance_schedule)
 
 
 def check_settings(body, max_steps: int) -> Settings:
@@ -173,11 +181,16 @@ def check_settings(body, max_steps: int) -> Settings:
     frames = body.get("frames", True)
     if not isinstance(frames, bool):
         raise UsageError("frames must be true or false")
-    image, mask, strength = body.get("image"), body.get("mask"), body.get("strength")
+    image, mask, strength, aspect = body.get("image"), body.get("mask"), body.get("strength"), body.get("aspect")
     if mode == "text-to-image":
         if image is not None or mask is not None or strength is not None:
             raise UsageError("image, mask and strength are for img2img and inpaint, not text-to-image")
+        aspect = "1:1" if aspect is None else aspect
+        if aspect not in ASPECTS:
+            raise UsageError(f"aspect must be one of {', '.join(ASPECTS)}, got {aspect!r:.20}")
     else:
+        if aspect is not None:
+            raise UsageError(f"{mode} keeps the shape of its image: aspect is for text-to-image")
         if not isinstance(image, str):
             raise UsageError(f"{mode} starts from an image: drop or upload one first")
         if mode == "img2img" and mask is not None:
@@ -192,7 +205,13 @@ def check_settings(body, max_steps: int) -> Settings:
         zero = [s for s in step_counts if int(s * strength) == 0]
         if zero:  # the pipelines run only the last int(steps * strength) steps of the schedule
             raise UsageError(f"strength {strength} x {zero[0]} steps rounds down to 0 steps: raise one of them")
-    return Settings(mode, prompt, negative, step_counts, guidance, seed, num_images, strength, frames, image, mask)
+    try:
+        sampler = Sampler(body.get("sampler", "confidence"),
+                          guidance_schedule=body.get("guidance_schedule", "constant"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return Settings(mode, prompt, negative, step_counts, guidance, seed, num_images, strength, frames, image, mask,
+                    aspect, sampler)
 
 
 def decode_image(data: bytes, what: str, mode: str = "RGB") -> Image.Image:
@@ -303,8 +322,7 @@ class Playground:
         self.pipe, self.folder, self.checkpoint = pipe, Path(folder), checkpoint
         self.page = PAGE.read_bytes()  # read once: the server never opens a file by a name a request gives
         s = pipe.transformer.cfg.sample_size
-        self.n_tokens = s * s
-        self.max_steps = min(MAX_STEPS, self.n_tokens)
+        self.max_steps = min(MAX_STEPS, s * s)  # more steps than the model's tokens cannot help (sample.py's note)
         self.generator_device = sample.resolve_generator_device("auto", pipe.device.type)
         self.changed = threading.Condition()
         self.pending: list[Generation] = []  # waiting, first in line first
@@ -318,17 +336,20 @@ class Playground:
     def info(self) -> dict:
         cfg = self.pipe.transformer.cfg
         return dict(checkpoint=self.checkpoint, resolution=self.pipe.resolution, tokens=cfg.sample_size,
+                    sizes={name: sample.model_size_at(aspect, self.pipe) for name, aspect in ASPECTS.items()},
+                    samplers=list(sampling.SAMPLERS), guidance_schedules=list(sampling.GUIDANCE_SCHEDULES),
                     device=str(self.pipe.device),
                     dtype="int8" if self.pipe.int8 else cli.dtype_name(self.pipe.dtype),
                     max_steps=self.max_steps, max_images=MAX_IMAGES, max_compare=MAX_COMPARE,
                     max_upload_bytes=MAX_UPLOAD_BYTES, max_prompt_chars=MAX_PROMPT_CHARS)
 
-    def fit(self, image: Image.Image, what: str) -> Image.Image:
-        """An image at the model's size: scaled and centre-cropped as sample.py does, then, for sizes within one
-        token of it, the pipeline's own resize done here, so that the page shows exactly what the model gets."""
-        px = self.pipe.resolution
-        image = sample.fit_to_model(image, px, self.pipe.vqvae.cfg.downsample_factor, what)
-        return image if image.size == (px, px) else image.resize((px, px), resample=Image.LANCZOS)
+    def fit(self, image: Image.Image, what: str, size: tuple[int, int] | None = None) -> Image.Image:
+        """An image at `size` (default: the model's pixel count at its aspect ratio), scaled and centre-cropped as
+        sample.py does, then, for sizes within one token of it, the pipeline's own resize done here, so that the
+        page shows exactly what the model gets."""
+        size = size or sample.image_size(image, None, None, self.pipe)
+        image = sample.fit_image(image, size, self.pipe.vqvae.cfg.downsample_factor, what)
+        return image if image.size == size else image.resize(size, resample=Image.LANCZOS)
 
     # -- what the requests do (on the HTTP server's threads)
 
@@ -341,7 +362,9 @@ class Playground:
             while len(self.uploads) > KEEP_UPLOADS:
                 self.uploads.popitem(last=False)  # the oldest
         note = None if fitted.size == image.size else (f"scaled and centre-cropped from {image.width}x{image.height} "
-                                                       f"to {fitted.width}x{fitted.height}, the model's size")
+                                                       f"to {fitted.width}x{fitted.height}: about the model's "
+                                                       f"{self.pipe.resolution}x{self.pipe.resolution} pixels, at the "
+                                                       f"image's aspect ratio")
         return dict(id=upload_id, width=fitted.width, height=fitted.height, note=note, data_url=png_data_url(fitted))
 
     def submit(self, body) -> Generation:
@@ -353,15 +376,19 @@ class Playground:
                 image = self.uploads.get(settings.image)
             if image is None:
                 raise UsageError("the image is no longer on the server (it keeps the last few uploads): upload it again")
+        settings.size = image.size if image is not None else sample.model_size_at(ASPECTS[settings.aspect], self.pipe)
+        f = self.pipe.vqvae.cfg.downsample_factor
+        grid = (settings.size[1] // f, settings.size[0] // f)
         if settings.mask is not None:
-            mask = self.fit(decode_image(data_url_bytes(settings.mask, "the mask"), "the mask", "L"), "the mask")
-            s = self.pipe.transformer.cfg.sample_size
-            repaint = int(amused.preprocess_mask(mask, (mask.height, mask.width), (s, s)).sum())  # what inpaint masks
+            mask = decode_image(data_url_bytes(settings.mask, "the mask"), "the mask", "L")
+            mask = self.fit(mask, "the mask", image.size)  # painted on the image as the page showed it: its size
+            repaint = int(amused.preprocess_mask(mask, (mask.height, mask.width), grid).sum())  # what inpaint masks
             if repaint == 0:
-                raise UsageError(f"the mask covers no token: paint (white) over the part to redo; each of the {s}x{s} "
-                                 f"tokens is repainted where the mask covers at least half of it")
+                raise UsageError(f"the mask covers no token: paint (white) over the part to redo; each of the "
+                                 f"{grid[1]}x{grid[0]} tokens is repainted where the mask covers at least half of it")
         job = sample.Job(settings.mode, settings.prompt, settings.negative_prompt, settings.guidance_scale,
-                         settings.num_images, aesthetic_score=6.0, strength=settings.strength, image=image, mask=mask)
+                         settings.num_images, aesthetic_score=6.0, strength=settings.strength, image=image, mask=mask,
+                         size=settings.size if image is None else None, sampler=settings.sampler)
         gen_id = secrets.token_hex(16)
         gen = Generation(gen_id, settings, job, repaint, self.folder / gen_id)
         with self.changed:
@@ -458,8 +485,9 @@ class Playground:
         print(f"{what}: started", flush=True)
         try:
             gen.folder.mkdir()
+            f = self.pipe.vqvae.cfg.downsample_factor
             self.emit(gen, "started", dict(runs=s.step_counts, num_images=s.num_images, repaint=gen.repaint,
-                                           tokens=self.n_tokens))
+                                           tokens=(s.size[0] // f) * (s.size[1] // f)))
             columns = []
             for run, n_steps in enumerate(s.step_counts):
                 if gen.cancel.is_set():  # cancelled between two runs of a comparison (or before the first)

@@ -133,7 +133,7 @@ def linear_arguments(input, weight, bias=None):
 
 
 def compile_step(step, device: torch.device):
-    """`step` (amused.sampling_step) compiled whole with fullgraph=True, so that a graph break or a host sync in it
+    """`step` (sampling.sampling_step) compiled whole with fullgraph=True, so that a graph break or a host sync in it
     is an error rather than a silent slowdown. On CUDA in CUDA graphs (mode="reduce-overhead": one launch per
     step); the next replay of a graph overwrites its outputs, so they are cloned (B x h x w ids and a flag)."""
     if device.type != "cuda":

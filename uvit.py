@@ -52,7 +52,7 @@ class UViTConfig:
     num_attention_heads: int
     intermediate_size: int  # GEGLU inner width
     layer_norm_eps: float
-    sample_size: int  # side of the token grid: ids are (B, sample_size, sample_size); halved inside when downsample
+    sample_size: int  # side of the token grid trained on (any grid runs: UViT.forward); halved inside when downsample
 
     def __post_init__(self):
         # Shapes the modules below assume; a config breaking one is a checkpoint we do not know.
@@ -368,8 +368,8 @@ class Downsample2D(nn.Module):
 
     def forward(self, x):  # (B, C, H, W)
         x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, H, W)
-        # Matches reference: diffusers Downsample2D(padding=0) pads one zero row and column (right, bottom). With
-        # even H, W (always: sample_size is even) the stride-2 conv never reads them, and dropping the pad is
+        # Matches reference: diffusers Downsample2D(padding=0) pads one zero row and column (right, bottom). With even
+        # H, W (always: _check_id_shapes refuses odd grids) the stride-2 conv never reads them, and dropping the pad is
         # bit-identical on CPU; we keep it so that the conv gets the reference's input shape, and so the same
         # kernel choice, on any backend.
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
@@ -481,6 +481,18 @@ class Conditions:
     def batch_size(self) -> int:
         return self.cond.shape[0]
 
+    def rows(self, start: int, stop: int) -> "Conditions":
+        """The conditions of batch rows start..stop-1, as views: e.g. the prompts' half of [negative; positive]."""
+        return Conditions(*(take_rows(getattr(self, f.name), start, stop) for f in fields(self)))
+
+
+def take_rows(x, start: int, stop: int):
+    """Rows start..stop-1 of every tensor in x: a tensor, or (named) tuples and lists of them, nested."""
+    if isinstance(x, torch.Tensor):
+        return x[start:stop]
+    items = [take_rows(item, start, stop) for item in x]
+    return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+
 
 class UViT(nn.Module):
     """The aMUSEd token predictor (diffusers UVit2DModel); state-dict keys are UVit2DModel's."""
@@ -526,8 +538,11 @@ class UViT(nn.Module):
         )
 
     def forward(self, ids, conds: Conditions):
-        """Logits over the codebook for a token grid. ids: (B, h, w) long, h = w = sample_size, each in
-        [0, vocab_size) (not checked here: see check_ids); conds: encode_conditions() of a batch of B.
+        """Logits over the codebook for a token grid. ids: (B, h, w) long, each in [0, vocab_size) (not checked
+        here: see check_ids); conds: encode_conditions() of a batch of B. Any h x w runs, even with downsampling
+        (then h and w must be even): there is no positional embedding, the convolutions carry position. The model
+        was trained at sample_size x sample_size; the shape check is free, and static under torch.compile (a new
+        grid is a new compiled graph).
         Returns (B, codebook_size, h, w). UVit2DModel(ids, text_hidden, pooled, micro_conds) is
         forward(ids, encode_conditions(text_hidden, pooled, micro_conds))."""
         self._check_id_shapes(ids, conds.batch_size)
@@ -571,10 +586,12 @@ class UViT(nn.Module):
                                  f"micro_conds {tuple(micro_conds.shape)}")
 
     def _check_id_shapes(self, ids, batch_size: int):
-        s = self.cfg.sample_size
-        if ids.ndim != 3 or ids.shape[1:] != (s, s):
-            raise ValueError(f"{self._preset_name()} expects a {s}x{s} token grid, ids of shape (B, {s}, {s}); "
+        if ids.ndim != 3 or ids.shape[1] < 1 or ids.shape[2] < 1:
+            raise ValueError(f"{self._preset_name()} expects a token grid, ids of shape (B, h, w); "
                              f"got {tuple(ids.shape)}")
+        if self.cfg.downsample and (ids.shape[1] % 2 or ids.shape[2] % 2):
+            raise ValueError(f"{self._preset_name()} halves the token grid inside (downsample), so h and w must be "
+                             f"even; got a {ids.shape[1]}x{ids.shape[2]} grid")
         if ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ids must be integer token ids (torch.long), got {ids.dtype}")
         if ids.shape[0] != batch_size:

@@ -9,7 +9,8 @@ For each model (random weights in the official configuration; needs no diffusers
   - fp16 with the whole sampling step compiled (Amused.compile: fullgraph, CUDA graphs) against fp16 eager;
   - the median latency of 3 runs of each;
   - that the sampling loop makes no host synchronisation per step (torch.cuda.set_sync_debug_mode: a 4-step and a
-    12-step run, with a CUDA generator, must make the same number of syncs).
+    12-step run, with a CUDA generator, must make the same number of syncs), with the reference sampler and with
+    the Halton sampler under an interval guidance schedule (sampling.py).
 Prints a markdown table (append it to bench/RESULTS.md) and exits 1 if an image has a NaN, compiled != eager, or
 a step syncs.
 Random weights give flat token distributions, so token agreement across dtypes is a weak signal here; the logit
@@ -73,15 +74,17 @@ def run(pipe: Amused, device: str, batch: int):
     return tokens.cpu(), images.float().cpu(), statistics.median(times)
 
 
-def host_syncs(pipe: Amused, steps: int) -> int:
-    """How many times one text-to-image run (tokens out, CUDA generator) makes the host wait for the GPU."""
+def host_syncs(pipe: Amused, steps: int, halton: bool) -> int:
+    """How many times one text-to-image run (tokens out, CUDA generator) makes the host wait for the GPU, with the
+    reference sampler or the Halton sampler guided on the later steps only."""
     generator = torch.Generator("cuda").manual_seed(0)
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            pipe(["a photo of a cat"], steps=steps, generator=generator, output_type="tokens")
+            pipe(["a photo of a cat"], steps=steps, generator=generator, output_type="tokens",
+                 sampler="halton" if halton else "confidence", guidance_schedule="interval" if halton else "constant")
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return sum("synchroniz" in str(w.message) for w in caught)
@@ -115,10 +118,11 @@ def main(models, device, batch, tiny, compile):
             if name != "fp32":
                 del pipe
         ref_tokens = results["fp32"][0]
-        if device == "cuda":
-            syncs = {n: host_syncs(fp32, n) for n in (4, 12)}
+        for halton in (False, True) if device == "cuda" else ():
+            syncs = {n: host_syncs(fp32, n, halton) for n in (4, 12)}
             failed |= syncs[4] != syncs[12]
-            rows.append(f"| {preset} | fp32 | host syncs per run: {syncs[4]} at 4 steps, {syncs[12]} at 12 steps "
+            rows.append(f"| {preset} | fp32{', halton, interval' if halton else ''} | host syncs per run: "
+                        f"{syncs[4]} at 4 steps, {syncs[12]} at 12 steps "
                         f"({'none per step' if syncs[4] == syncs[12] else 'SYNCS PER STEP!'}) | | | |")
         for name, (tokens, images, seconds, diff) in results.items():
             nan = bool(torch.isnan(images).any())

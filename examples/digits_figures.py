@@ -11,11 +11,12 @@ import math
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 import sample
 import speed
-from amused import Amused, mask_ratio, sampling_mask_counts, to_pil, training_mask_count
+from amused import Amused, to_pil  # noqa: E402
+from sampling import mask_ratio, sampling_mask_counts, training_mask_count  # noqa: E402
 from cli import atomic_write, image_grid
 
 SCALE = 8  # on-page pixels per image pixel
@@ -74,6 +75,26 @@ def masked_training_example(pipe: Amused, image: torch.Tensor, path: Path, seed:
     save_png(image_grid(upscaled(panels), cols=len(panels)), path)
 
 
+@torch.no_grad()
+def sizes_grid(pipe: Amused, path: Path, seed: int,
+               sizes=((16, 16), (24, 16), (16, 24), (24, 24), (32, 32))) -> None:
+    """Rows: image sizes (width x height; the model was trained at 16x16); columns: the digits 0 to 9, the same
+    prompts and seed at every size (12 steps, guidance 4)."""
+    rows = [pipe([f"a handwritten digit {k}" for k in range(10)], width=w, height=h, guidance_scale=4.0,
+                 generator=torch.Generator().manual_seed(seed)) for w, h in sizes]
+    scale, gap, label_w = SCALE // 2, 6, 90
+    cell_w, cell_h = max(w for w, _ in sizes) * scale + gap, [h * scale + gap for _, h in sizes]
+    out = Image.new("RGB", (label_w + 10 * cell_w, sum(cell_h)), "white")
+    pen, top = ImageDraw.Draw(out), 0
+    for (w, h), images, row_h in zip(sizes, rows, cell_h):
+        pen.text((label_w / 2, top + row_h / 2), f"{w}x{h}" + (" (trained)" if (w, h) == (16, 16) else ""),
+                 fill="black", anchor="mm")
+        for k, image in enumerate(images):
+            out.paste(image.resize((w * scale, h * scale), resample=Image.NEAREST), (label_w + k * cell_w, top))
+        top += row_h
+    save_png(out, path)
+
+
 def schedule_table(steps: int = 12) -> str:
     """How many of 64 (our digits) and 256 (amused-256) tokens stay masked after each of 12 steps, as the sampler
     computes it in float32 (sampling_mask_counts), against the same in float64."""
@@ -99,9 +120,10 @@ def draw(pipe: Amused, run_dir: Path, folder: Path, train_images: torch.Tensor, 
     unmasking_gif(pipe, folder / "unmasking.gif", seed)
     samples_grid(pipe, folder / "samples.png", seed)
     masked_training_example(pipe, train_images[0], folder / "masked-example.png", seed)
+    sizes_grid(pipe, folder / "sizes.png", seed)
     images = {name: Path(folder / name).resolve().relative_to(PAGE.parent.resolve()).as_posix()
               if Path(folder).resolve().is_relative_to(PAGE.parent.resolve()) else str(folder / name)
-              for name in ("unmasking.gif", "samples.png", "masked-example.png")}
+              for name in ("unmasking.gif", "samples.png", "masked-example.png", "sizes.png", "samplers.png")}
     seconds = results["seconds"]
     page = PAGE_TEMPLATE.format(
         results=(run_dir / "results.md").read_text(), schedule=schedule_table(), cpu=cpu_name(),
@@ -153,7 +175,7 @@ Generation starts from a grid where every token is masked. At each of 12 steps t
 a token is drawn at every masked one, and the most confident of those are kept while the rest are masked again
 (their confidence is the token's log-probability plus Gumbel noise whose temperature falls from 2 to 0:
 randomness early, greed late). How many stay masked after each step follows the cosine schedule, computed in float32 exactly
-as diffusers' `AmusedScheduler` does (`amused.sampling_mask_counts`). Rounding matters: after step 8,
+as diffusers' `AmusedScheduler` does (`sampling.sampling_mask_counts`). Rounding matters: after step 8,
 cos(pi/2 x 8/12) is 0.49999997 in float32, so 127 of amused-256's 256 tokens stay masked where float64 would keep
 128; we reproduce it, so that the same seed gives the same tokens as diffusers.
 
@@ -179,4 +201,28 @@ pixels each, are used at 10.
 ![ten samples of each digit, 12 steps, guidance 10](./{samples_png})
 
 Ten samples per digit (rows 0 to 9), 12 steps at the default guidance 10, one seed per column.
+
+## 6. Other sizes
+
+![the same prompts and seed at 16x16, 24x16, 16x24, 24x24 and 32x32 pixels](./{sizes_png})
+
+The U-ViT has no positional embedding: its convolutions carry position, so it runs on a token grid of any size
+(`pipe(prompt, width=24, height=16)`; a 2x2-pixel token here, 16x16 pixels for amused-256). But it learned to draw
+one digit filling an 8x8 grid. Above, the same prompts and seed at other sizes, guidance 4. Taller (16x24), it still
+draws one digit, stretched; wider (24x16), it draws pieces of the digit side by side; at 24x24 strokes repeat
+across the frame, and at 32x32 (4x the tokens) no digit is left, only stroke texture. Its local statistics survive,
+its global layout does not. Expect the same kind of thing, less extreme, from the official models far from their
+256 or 512 pixels: the micro-conditioning tells them the size, but they were trained mostly at one.
+
+## 7. Fewer passes: the Halton order
+
+![the same digits drawn by the confidence order and the Halton order, 8 steps, step by step](./{samplers_png})
+
+The sampler above commits the most confident tokens first: on the digits, the black background, then the strokes'
+edges, the digit itself last. The Halton sampler (`sampler="halton"`, Besnier et al., ICLR 2025) instead reveals
+the positions in a fixed order that spreads them evenly over the grid (a 2-D Halton sequence), with no confidence
+and no re-masking: every step commits a sample of the whole image. Both pictures: the same prompts and seed, 8
+steps, guidance 4 (drawn by `python examples/digits_samplers.py runs/digits/model.safetensors --figure
+docs/how-it-works/samplers.png`). How each sampler, guidance schedule and step count reads to the judge, per
+U-ViT pass: the README's [Fewer U-ViT passes](../README.md#fewer-u-vit-passes-the-samplers).
 """

@@ -4,19 +4,21 @@ Same weights, same inputs, same seed (a CPU torch.Generator), CPU fp32: the toke
 images are then the same VQ decode of the same tokens: atol 1e-4 (we measure 0). In fp16 the scheduler must
 still give identical tokens for identical logits, since we make the same dtype choices as the reference.
 """
+import shutil
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_UVIT, assert_close, assert_nontrivial, reference_pipeline, save_hub_checkpoint, seeded, smooth_images
+from conftest import SHARED_TOKENIZER, TINY_UVIT, assert_close, assert_nontrivial, reference_pipeline, save_hub_checkpoint, seeded, smooth_images
 from diffusers import AmusedImg2ImgPipeline, AmusedInpaintPipeline, AmusedPipeline, AmusedScheduler
 from PIL import Image
 
 import convert_weights
 import amused
 import speed
-from amused import Amused, draw_step_noise, sample_categorical, sampling_mask_counts, unmask_step
+from amused import Amused
+from sampling import draw_step_noise, sample_categorical, sampling_mask_counts, unmask_step
 from speed import OneDNNLinear
 
 MASK_ID = TINY_UVIT["vocab_size"] - 1
@@ -35,7 +37,7 @@ def tiny(tmp_path_factory, tiny_tokenizer_dir):
 def reference_variant(ref, cls):
     """The same models in another diffusers pipeline class, with a scheduler of its own (the inpaint pipeline
     switches its scheduler to the linear schedule)."""
-    pipe = cls(**{**ref.components, "scheduler": AmusedScheduler(mask_token_id=MASK_ID)})
+    pipe = cls(**{**ref.components, "scheduler": AmusedScheduler(mask_token_id=ref.scheduler.config.mask_token_id)})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -127,6 +129,74 @@ def test_inpaint_matches_diffusers(tiny, kind, strength):
     )
 
 
+# ----------------------------------------------------------------------------------------------------
+# Any size: height and width, and init images at their own size (the tiny U-ViT halves its grid like amused-512)
+
+
+@pytest.mark.parametrize("height, width", [(32, 48), (48, 32), (16, 16), (64, 40)])
+def test_text_to_image_at_any_size_matches_diffusers(tiny, height, width):
+    ref, ours, _ = tiny
+    assert_same_run(
+        f"t2i {width}x{height}",
+        lambda **o: ref(PROMPTS, height=height, width=width, num_inference_steps=5, generator=seeded(1), **o),
+        lambda **o: ours(PROMPTS, height=height, width=width, steps=5, generator=seeded(1), **o),
+    )
+    tokens = ours("a cat", height=height, width=width, steps=1, output_type="tokens")
+    assert tokens.shape == (1, height // 4, width // 4)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "pil"])
+def test_img2img_keeps_the_image_size_like_diffusers(tiny, kind):
+    """A 50x34 image is cut to 48x32 (12x8 tokens) by the reference's rule; the micro-conditioning says 48x32."""
+    ref, ours, _ = tiny
+    i2i = reference_variant(ref, AmusedImg2ImgPipeline)
+    image = smooth_images(2, 34, 50, seed=3)  # one per prompt (the reference cannot share one image)
+    prompts = PROMPTS
+    if kind == "pil":
+        image, prompts = Image.fromarray((image[0].permute(1, 2, 0) * 255).byte().numpy()), PROMPTS[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # both warn about the cut to whole tokens
+        assert_same_run(
+            f"img2img {kind} 50x34",
+            lambda **o: i2i(prompts, image=image, strength=0.8, num_inference_steps=6, generator=seeded(4), **o),
+            lambda **o: ours.img2img(prompts, image, strength=0.8, steps=6, generator=seeded(4), **o),
+        )
+        assert ours.img2img(prompts, image, steps=2, output_type="pt").shape == (len(prompts), 3, 32, 48)
+
+
+@pytest.mark.parametrize("kind", ["tensor", "pil-l"])
+def test_inpaint_keeps_the_image_size_like_diffusers(tiny, kind):
+    ref, ours, _ = tiny
+    inp = reference_variant(ref, AmusedInpaintPipeline)
+    image = smooth_images(1, 32, 48, seed=6)  # an 8x12 token grid
+    mask = torch.zeros(1, 1, 32, 48)
+    mask[..., 8:24, 4:30] = 1.0
+    if kind == "pil-l":
+        mask = Image.fromarray((mask[0, 0] * 255).byte().numpy(), mode="L")
+    assert_same_run(
+        f"inpaint {kind} 48x32",
+        lambda **o: inp(PROMPTS[:1], image=image, mask_image=mask, num_inference_steps=8, generator=seeded(7), **o),
+        lambda **o: ours.inpaint(PROMPTS[:1], image, mask, steps=8, generator=seeded(7), **o),
+    )
+
+
+def test_inpaint_where_diffusers_mask_processor_fails(tiny):
+    """A 40x32 image has an 8x10 token grid. diffusers' mask processor rounds the grid it resizes the mask to down
+    to a multiple of its vae_scale_factor (8x8 here; a multiple of 16 tokens at full size) and then fails to reshape
+    it: we resize the mask to the real grid, so the repainted tokens are those under the mask."""
+    ref, ours, _ = tiny
+    inp = reference_variant(ref, AmusedInpaintPipeline)
+    image, mask = smooth_images(1, 32, 40, seed=6), torch.zeros(1, 1, 32, 40)
+    mask[..., :, 32:] = 1.0  # the last two token columns
+    with pytest.raises(RuntimeError, match="invalid for input of size 64"):
+        inp("a", image=image, mask_image=mask, num_inference_steps=4, generator=seeded(1), output_type="latent")
+    before = ours.vqvae.encode_to_ids(image)
+    after = ours.inpaint("a", image, mask, steps=4, generator=seeded(1), output_type="tokens")
+    assert after.shape == (1, 8, 10)
+    assert torch.equal(after[..., :8], before[..., :8])  # outside the mask: the image's own tokens
+    assert not torch.equal(after[..., 8:], before[..., 8:])
+
+
 def test_full_amused_256_matches_diffusers(full_hub_256):
     """The official amused-256 configuration in the hub layout, 2 steps like diffusers' own slow tests."""
     ref = AmusedPipeline.from_pretrained(full_hub_256, dtype=torch.float32)  # config.json says fp16 after the variant save
@@ -147,6 +217,70 @@ def test_full_amused_256_matches_diffusers(full_hub_256):
     assert_close("amused-256 image", ours.vqvae.decode_ids(our_tokens), ref_pixels, atol=1e-4)
 
 
+def full_size_runs(ref_pipe, ours, cases):
+    """Each case: (name, diffusers call, our call, expected token grid); tokens equal, non-trivial, none masked."""
+    for name, ref_call, our_call, grid in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the cut of a 500x300 image to whole tokens
+            want = ref_call(output_type="latent").images
+            got = our_call(output_type="tokens")
+        assert want.shape[1:] == grid and len(want.unique()) > 50, f"{name}: {tuple(want.shape)}"
+        assert (want != ref_pipe.scheduler.config.mask_token_id).all()
+        assert torch.equal(got, want), f"{name}: {(got != want).sum()} of {want.numel()} tokens differ"
+
+
+def test_full_amused_256_at_other_sizes_matches_diffusers(full_hub_256):
+    """The official amused-256 configuration: text to image at 256x384, 384x256 and 128x128; img2img of a 500x300
+    image (-> 496x288, a 31x18 grid: its own micro-conditioning); inpainting of a 512x256 image with its mask (a
+    16x32 grid: diffusers' mask processor needs multiples of 16 tokens)."""
+    ref = AmusedPipeline.from_pretrained(full_hub_256, dtype=torch.float32)
+    i2i, inp = reference_variant(ref, AmusedImg2ImgPipeline), reference_variant(ref, AmusedInpaintPipeline)
+    for r in (ref, i2i, inp):
+        r.set_progress_bar_config(disable=True)
+    ours = Amused.from_pretrained(full_hub_256)
+    photo = Image.fromarray((smooth_images(1, 300, 500, seed=3)[0].permute(1, 2, 0) * 255).byte().numpy())
+    wide, mask = smooth_images(1, 256, 512, seed=4), torch.zeros(1, 1, 256, 512)
+    mask[..., 64:192, 300:460] = 1.0
+    cases = [(f"t2i {w}x{h}",
+              lambda h=h, w=w, **o: ref("dog", height=h, width=w, num_inference_steps=2, generator=seeded(0), **o),
+              lambda h=h, w=w, **o: ours("dog", height=h, width=w, steps=2, generator=seeded(0), **o),
+              (h // 16, w // 16))
+             for h, w in [(256, 384), (384, 256), (128, 128)]]
+    cases += [
+        ("img2img 500x300", lambda **o: i2i("dog", image=photo, num_inference_steps=2, generator=seeded(1), **o),
+         lambda **o: ours.img2img("dog", photo, steps=2, generator=seeded(1), **o), (18, 31)),
+        ("inpaint 512x256", lambda **o: inp("dog", image=wide, mask_image=mask, num_inference_steps=2,
+                                           generator=seeded(2), **o),
+         lambda **o: ours.inpaint("dog", wide, mask, steps=2, generator=seeded(2), **o), (16, 32)),
+    ]
+    full_size_runs(ref, ours, cases)
+
+
+@pytest.fixture(scope="module")
+def full_hub_512(tmp_path_factory, tiny_tokenizer_dir):
+    """The full amused-512 configuration with random weights in the hub layout (fp32 files only)."""
+    tok = SHARED_TOKENIZER if SHARED_TOKENIZER.exists() else tiny_tokenizer_dir
+    folder = tmp_path_factory.mktemp("hub") / "amused-512"
+    save_hub_checkpoint(reference_pipeline("amused-512", tok, seed=8), folder, tok)
+    yield folder
+    shutil.rmtree(folder)
+
+
+def test_full_amused_512_at_other_sizes_matches_diffusers(full_hub_512):
+    """amused-512 halves its token grid inside: 512x768 (32x48 tokens, 16x24 in the transformer) matches diffusers;
+    a size whose grid is odd is refused before any compute, naming sizes that work."""
+    ref = AmusedPipeline.from_pretrained(full_hub_512, dtype=torch.float32)
+    ref.set_progress_bar_config(disable=True)
+    ours = Amused.from_pretrained(full_hub_512)
+    full_size_runs(ref, ours, [(
+        "t2i 768x512", lambda **o: ref("dog", height=512, width=768, num_inference_steps=2, generator=seeded(0), **o),
+        lambda **o: ours("dog", height=512, width=768, steps=2, generator=seeded(0), **o), (32, 48))])
+    with pytest.raises(ValueError, match="height must be a multiple of 32 .* halves its token grid inside.*512 or 544"):
+        ours("dog", height=528)
+    with pytest.raises(ValueError, match=r"the image \(496x288 .* width must be a multiple of 32"):
+        ours.img2img("dog", smooth_images(1, 288, 500, seed=0))
+
+
 @pytest.mark.parametrize("L, dtype", [(256, torch.float32), (1024, torch.float32), (256, torch.float16)])
 def test_unmask_step_matches_scheduler_at_full_size(L, dtype):
     """Every step of a 12-step run at the official grid sizes and codebook, on random logits: the float32 mask
@@ -161,7 +295,7 @@ def test_unmask_step_matches_scheduler_at_full_size(L, dtype):
     for i, t in enumerate(sched.timesteps):
         logits = (3 * torch.randn(B, K, side, side, generator=logit_gen)).to(dtype)
         ref = sched.step(logits, t, ref, generator=g_ref).prev_sample
-        noise = draw_step_noise(B, L, K, dtype, torch.device("cpu"), g_ours, last=i == steps - 1)
+        noise = draw_step_noise(B, L, K, dtype, torch.device("cpu"), g_ours, uniforms=i < steps - 1)
         ours = unmask_step(logits, ours, noise, counts[i], temps[i], mask_id=8255)
         assert torch.equal(ours, ref), f"step {i}"
         assert (ours == 8255).sum(dim=(1, 2)).tolist() == [counts[i].item()] * B
@@ -210,7 +344,7 @@ def test_fast_loop_equals_the_plain_loop(tiny):
         for i in range(steps):
             conds = ours.transformer.encode_conditions(hidden, pooled, micro)
             uncond, cond = ours.transformer(torch.cat([tokens, tokens]), conds).chunk(2)
-            noise = draw_step_noise(2, 64, K, torch.float32, torch.device("cpu"), generator, last=i == steps - 1)
+            noise = draw_step_noise(2, 64, K, torch.float32, torch.device("cpu"), generator, uniforms=i < steps - 1)
             tokens = unmask_step(uncond + g * (cond - uncond), tokens, noise, counts[i], temps[i], mask_id=MASK_ID)
     assert len(fast.unique()) > 5 and torch.equal(fast, tokens)
 
@@ -352,6 +486,26 @@ def test_same_seed_same_result_and_converted_file(tiny, tmp_path):
     assert torch.equal(Amused.from_pretrained(out)("a cat", steps=4, generator=seeded(3), output_type="tokens"), a)
 
 
+@pytest.mark.parametrize("mode", ["t2i", "img2img", "inpaint"])
+def test_one_generator_per_image_makes_each_image_as_if_alone(tiny, mode):
+    """generator=[g0, g1, ...]: image i is what a batch of one with g_i gives (mixed prompts, guidance batched).
+    CPU fp32: the U-ViT's matmuls on 4 images sum each row as on 1 here, so the tokens are identical."""
+    _, ours, _ = tiny
+    image, mask = smooth_images(1, 32, 32, seed=8), square_mask("tensor")
+    prompts, seeds = ["a cat", "a dog", "a cat", "an astronaut riding a horse!"], [5, 6, 7, 5]
+    run = {
+        "t2i": lambda p, g: ours(p, steps=6, generator=g, output_type="tokens"),
+        "img2img": lambda p, g: ours.img2img(p, image, strength=0.7, steps=6, generator=g, output_type="tokens"),
+        "inpaint": lambda p, g: ours.inpaint(p, image, mask, steps=6, generator=g, output_type="tokens"),
+    }[mode]
+    batch = run(prompts, [seeded(s) for s in seeds])
+    alone = torch.cat([run(p, [seeded(s)]) for p, s in zip(prompts, seeds)])
+    assert_nontrivial(f"{mode} tokens", batch)
+    assert torch.equal(batch, alone)
+    assert torch.equal(alone[:1], run(prompts[0], seeded(seeds[0])))  # a list of one = that generator alone
+    assert not torch.equal(batch[0], batch[2])  # same prompt, other seed
+
+
 def test_output_types(tiny):
     _, ours, _ = tiny
     pil = ours("a cat", steps=2, generator=seeded(0))
@@ -377,12 +531,19 @@ def test_bad_arguments(tiny):
         (lambda: ours(PROMPTS, negative_prompt=["x"]), ValueError, "negative_prompt must be a string or a list of 2"),
         (lambda: ours.img2img("a", image, strength=0.0), ValueError, r"strength must be in \(0, 1\]"),
         (lambda: ours.img2img("a", image, strength=1.5), ValueError, r"strength must be in \(0, 1\]"),
-        (lambda: ours.img2img("a", smooth_images(1, 64, 64, 0)), ValueError, "works on 32x32 images"),
+        (lambda: ours("a", height=36), ValueError, "height must be a multiple of 8 .*use e.g. 32 or 40"),
+        (lambda: ours("a", width=4), ValueError, "width must be a multiple of 8"),
+        (lambda: ours("a", width=32.0), ValueError, "width must be a multiple of 8"),
+        (lambda: ours("a", height=160, width=136), ValueError, r"136x160 has 21.2x the pixels .* bound of 16x"),
+        (lambda: ours.img2img("a", smooth_images(1, 44, 32, 0)), ValueError, "the image .32x44 .* multiple of 8"),
+        (lambda: ours.img2img("a", smooth_images(1, 3, 32, 0)), ValueError, "at least 4 pixels"),
         (lambda: ours.img2img("a", "cat.png"), TypeError, "PIL image or a torch tensor"),
         (lambda: ours.inpaint("a", image, torch.ones(1, 1, 32, 16)), ValueError, "same aspect ratio"),
         (lambda: ours.inpaint("a", image, torch.ones(1, 1, 32, 32), strength=0.05), ValueError, "nothing would fill"),
         (lambda: ours.inpaint("a", image, Image.new("L", (32, 32)), strength=0.5), ValueError, "no token to repaint"),
         (lambda: ours.img2img(PROMPTS * 2, smooth_images(3, 32, 32, 0)), ValueError, "3 images for 4 prompts"),
+        (lambda: ours(PROMPTS, generator=[seeded(0)]), ValueError, "a list of one per image"),
+        (lambda: ours("a", generator=0), TypeError, "generator must be a torch.Generator"),
     ]
     for call, error, match in cases:
         with pytest.raises(error, match=match):

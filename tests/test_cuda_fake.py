@@ -31,8 +31,8 @@ import torch
 from conftest import ROOT, TINY_CLIP, TINY_UVIT, TINY_VQ
 from PIL import Image
 
-import amused
 import clip_text
+import sampling
 import uvit
 import vqgan
 from amused import Amused
@@ -174,7 +174,7 @@ VALID_ANSWERS = {
     ("vqgan.py", "encode_to_ids"): True,  # lo >= 0 and hi <= 1
     ("vqgan.py", "decode_ids"): False,  # lo < 0 or hi >= K
     ("amused.py", "_check_mask"): True,  # repaint.any()
-    ("amused.py", "generate"): True,  # after the loop: every logit was finite
+    ("sampling.py", "generate"): True,  # after the loop: every logit was finite
 }
 
 
@@ -276,16 +276,16 @@ def walk(ckpt: Checkpoint, method: str, *args, callback=None, **kwargs) -> Walk:
 
 @functools.cache
 def generate_loop_lines() -> set[int]:
-    """The line numbers of amused.generate's sampling loop (its for or while statements, whole)."""
-    lines, first = inspect.getsourcelines(amused.generate)
+    """The line numbers of sampling.generate's sampling loop (its for or while statements, whole)."""
+    lines, first = inspect.getsourcelines(sampling.generate)
     loops = [n for n in ast.walk(ast.parse(textwrap.dedent("".join(lines)))) if isinstance(n, (ast.For, ast.While))]
-    assert loops, "amused.generate has no loop: update generate_loop_lines"
+    assert loops, "sampling.generate has no loop: update generate_loop_lines"
     return {first + n for loop in loops for n in range(loop.lineno - 1, loop.end_lineno)}
 
 
 def in_generate(s: Sync) -> int | None:
     """The line of generate that the sync happened under, if any."""
-    return next((n for f, fn, n, _ in s.frames if (f, fn) == ("amused.py", "generate")), None)
+    return next((n for f, fn, n, _ in s.frames if (f, fn) == ("sampling.py", "generate")), None)
 
 
 def in_loop(w: Walk) -> list[Sync]:
@@ -298,10 +298,18 @@ CALLS = {  # method, args, kwargs, the steps it runs: img2img and inpaint run th
     "text to image": ("__call__", ("a cat",), {}, [0, 1, 2]),
     "img2img": ("img2img", ("a cat", IMAGE), {"strength": 0.7}, [1, 2]),
     "inpaint": ("inpaint", ("a cat", IMAGE, MASK), {}, [0, 1, 2]),
+    # the other samplers and schedules: the Halton order's plan, a guidance schedule (unguided steps on the prompts'
+    # half of the conditions), a softmax temperature ramp
+    "text to image, halton, ramp": ("__call__", ("a cat",), {"sampler": "halton", "guidance_schedule": "ramp",
+                                                             "softmax_temperature": (1.0, 0.8)}, [0, 1, 2]),
+    "img2img, interval": ("img2img", ("a cat", IMAGE), {"strength": 0.7, "guidance_schedule": "interval"}, [1, 2]),
+    "inpaint, halton, interval": ("inpaint", ("a cat", IMAGE, MASK), {"sampler": "halton",
+                                                                      "guidance_schedule": "interval"}, [0, 1, 2]),
 }
 GENERATORS = {"cuda generator": CudaGenerator, "no generator": lambda: None, "cpu generator": torch.Generator}
 WALKS = [("text to image", g) for g in GENERATORS] + [("img2img", "cuda generator"), ("img2img", "cpu generator"),
-                                                      ("inpaint", "cuda generator")]
+                                                      ("inpaint", "cuda generator")] + [
+    (call, "cuda generator") for call in ("text to image, halton, ramp", "img2img, interval", "inpaint, halton, interval")]
 
 
 @functools.cache
@@ -329,7 +337,7 @@ def test_the_u_vit_runs_in_fp16_and_the_upcast_vq_in_fp32(tiny_tokenizer_dir, ca
     w = walked(tiny_tokenizer_dir, call, generator)
     assert {x.dtype for x in w.logits} == {torch.float16}
     assert {name: x.dtype for name, x in w.vq.items()} == {
-        "decoder": torch.float32, **({"encoder": torch.float32} if call != "text to image" else {})}
+        "decoder": torch.float32, **({"encoder": torch.float32} if not call.startswith("text to image") else {})}
     assert w.out.dtype == torch.float32  # as the reference pipelines return
     assert {p.dtype for p in w.pipe.vqvae.parameters()} == {torch.float16}  # the upcast is on copies
 
@@ -347,7 +355,7 @@ def test_no_host_sync_inside_the_sampling_loop(tiny_tokenizer_dir, call, generat
     # generate reads back one thing, its NaN/inf flag, once every step has run (the callback's count)
     read_backs = [s for s in w.syncs if in_generate(s) and "_local_scalar_dense" in s.what]
     assert len(read_backs) == 1, "\n".join(map(str, read_backs))
-    assert read_backs[0].site == ("amused.py", "generate") and read_backs[0].steps_done == len(w.steps)
+    assert read_backs[0].site == ("sampling.py", "generate") and read_backs[0].steps_done == len(w.steps)
     assert "of a torch.bool () tensor" in read_backs[0].what
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
+from PIL import Image
 
 sys.path.insert(0, str(ROOT / "examples"))
 pytest.importorskip("sklearn", reason="examples/digits.py needs scikit-learn (requirements-dev.txt)")
@@ -117,3 +118,27 @@ def test_digits_precision_judges_each_precision(quick_run):
             assert 0 < results["bf16"][guidance]["tokens_equal_to_fp32"] <= 1
     with pytest.raises(digits.cli.UsageError, match="no such file"):
         digits_precision.main(str(out / "missing.safetensors"), ["fp32"])
+
+
+def test_digits_samplers_judges_each_setting_per_pass(quick_run, tmp_path):
+    """examples/digits_samplers.py on the quick model: a cell per setting x guidance x steps, each FOUND setting
+    once at its own; passes counted as the loop runs them (a guided step 2, an unguided 1); the tables and the
+    picture written."""
+    import digits_samplers
+
+    out, _ = quick_run
+    figure = tmp_path / "samplers.png"
+    results = digits_samplers.main(str(out / "model.safetensors"), ["reference", "interval", "fewest passes"], [2, 4],
+                                   [4.0], [0], per_class=2, out=str(tmp_path / "r.json"), figure=str(figure))
+    cells = results["cells"]
+    assert sorted(cells) == ["fewest passes | 8 | 3", "interval | 4 | 2", "interval | 4 | 4", "reference | 4 | 2",
+                             "reference | 4 | 4"]
+    assert [cells[k]["passes"] for k in sorted(cells)] == [4, 3, 6, 4, 8]
+    assert all(0 <= c["accuracy"] <= 1 and c["frechet"] > 0 for c in cells.values())
+    assert json.loads((tmp_path / "r.json").read_text())["cells"].keys() == cells.keys()
+    table = digits_samplers.tables(results)
+    assert "| reference | 0." in table and "| fewest passes | " in table
+    width, height = Image.open(figure).size  # two panels side by side, 8 steps wide, 10 digits tall
+    assert width > height > 0
+    with pytest.raises(digits.cli.UsageError, match="unknown setting 'nope'"):
+        digits_samplers.main(str(out / "model.safetensors"), ["nope"], [2], [4.0], [0])

@@ -281,7 +281,7 @@ def test_image_to_image_and_inpainting_from_an_upload(server, ref, capsys):
     up = upload(server.url, photo)
     assert (up["width"], up["height"]) == (32, 32) and "from 48x40 to 32x32" in up["note"]
     fitted = Image.open(io.BytesIO(base64.b64decode(up["data_url"].split(",")[1])))
-    assert_same_image(fitted, sample.fit_to_model(photo, 32, 4, "x"), "the upload, as the model sees it")
+    assert_same_image(fitted, sample.fit_image(photo, (32, 32), 4, "x"), "the upload, as the model sees it")
 
     gen = submit(server.url, mode="img2img", image=up["id"], strength=0.6, steps=5, seed=2)
     done = read_events(server.url, gen)[-1]
@@ -297,6 +297,40 @@ def test_image_to_image_and_inpainting_from_an_upload(server, ref, capsys):
     assert events[-1][0] == "done", events[-1]
     expected = ref.inpaint(PROMPT, fitted, mask, steps=4, generator=seeded(3))[0]
     assert_same_image(image_at(server.url, events[-1][1]["result"]), expected, "inpaint")
+
+
+def test_shapes_other_than_square(server, ref):
+    """Text to image at a chosen aspect ratio (about the model's pixel count: 16:9 is 40x24 for this 32x32 model, its
+    sides multiples of 8); a wide upload keeps its shape (64x32 -> 48x24), and img2img and inpainting run at it."""
+    info = call(server.url, "/api/info")[1]
+    assert info["sizes"]["1:1"] == [32, 32] and info["sizes"]["16:9"] == [40, 24] and info["sizes"]["9:16"] == [24, 40]
+    gen = submit(server.url, steps=3, seed=5, aspect="16:9", frames=False)
+    events = read_events(server.url, gen)
+    assert dict(events)["started"]["tokens"] == 10 * 6 and gen["settings"]["width"] == 40
+    expected = ref(PROMPT, height=24, width=40, steps=3, generator=seeded(5))[0]
+    assert_same_image(image_at(server.url, events[-1][1]["result"]), expected, "text to image at 16:9")
+
+    up = upload(server.url, to_image(smooth_images(1, 32, 64, seed=6)[0]))
+    assert (up["width"], up["height"]) == (48, 24) and "at the image's aspect ratio" in up["note"]
+    fitted = Image.open(io.BytesIO(base64.b64decode(up["data_url"].split(",")[1])))
+    mask = Image.fromarray(np.where(np.arange(48)[None, :] >= 24, 255, 0).repeat(24, 0).astype("uint8"))
+    gen = submit(server.url, mode="inpaint", image=up["id"], mask=data_url(mask), steps=3, seed=6)
+    events = read_events(server.url, gen)
+    assert dict(events)["started"]["repaint"] == 6 * 6 and gen["settings"]["height"] == 24  # the right half
+    expected = ref.inpaint(PROMPT, fitted, mask, steps=3, generator=seeded(6))[0]
+    assert_same_image(image_at(server.url, events[-1][1]["result"]), expected, "inpainting a wide image")
+
+
+def test_the_sampler_choice(server, ref):
+    """The page's sampler and guidance schedule reach the pipeline: the Halton order with guidance on the later
+    steps equals the pipeline's run with those keywords."""
+    info = call(server.url, "/api/info")[1]
+    assert info["samplers"] == ["confidence", "halton"] and "interval" in info["guidance_schedules"]
+    gen = submit(server.url, steps=4, seed=9, frames=False, sampler="halton", guidance_schedule="interval")
+    events = read_events(server.url, gen)
+    assert gen["settings"]["sampler"] == "halton" and events[-1][0] == "done", events[-1]
+    expected = ref(PROMPT, steps=4, generator=seeded(9), sampler="halton", guidance_schedule="interval")[0]
+    assert_same_image(image_at(server.url, events[-1][1]["result"]), expected, "halton, interval")
 
 
 def test_cancel_stops_at_the_next_step_and_waiting_ones_know_their_place(server, gate):
@@ -385,6 +419,10 @@ BAD_SETTINGS = {  # case -> (settings posted to /api/generations, a piece of the
     "unknown_mode": ({"mode": "video"}, "mode must be one of"),
     "unknown_setting": ({"temperature": 3}, "unknown setting 'temperature'"),
     "frames_not_bool": ({"frames": "yes"}, "frames must be true or false"),
+    "unknown_aspect": ({"aspect": "5:4"}, "aspect must be one of 1:1, 4:3"),
+    "aspect_of_an_edit": ({"mode": "img2img", "image": "0" * 32, "aspect": "4:3"}, "keeps the shape of its image"),
+    "unknown_sampler": ({"sampler": "greedy"}, "sampler must be one of"),
+    "unknown_guidance_schedule": ({"guidance_schedule": "cosine"}, "guidance_schedule must be one of"),
     "image_in_text_mode": ({"image": "abc"}, "are for img2img and inpaint"),
     "img2img_no_image": ({"mode": "img2img"}, "drop or upload one first"),
     "img2img_unknown_image": ({"mode": "img2img", "image": "0" * 32}, "no longer on the server"),

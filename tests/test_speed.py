@@ -8,7 +8,7 @@ import torch
 import torch._dynamo
 
 from conftest import reference_pipeline, save_hub_checkpoint, seeded, smooth_images
-import amused
+import sampling
 import speed
 from amused import Amused
 
@@ -87,6 +87,12 @@ def test_compiled_step_gives_the_eager_steps_tokens(hub, one_thread):
         "img2img": lambda: pipe.img2img(PROMPTS, image, 0.7, steps=6, generator=seeded(2), output_type="tokens"),
         "inpaint": lambda: pipe.inpaint(PROMPTS, image, mask, steps=6, generator=seeded(3), output_type="tokens"),
     }
+    counters = compiled_gives_eager_tokens(pipe, runs)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def compiled_gives_eager_tokens(pipe: Amused, runs: dict) -> dict:
+    """Each run's tokens, eager then with pipe.compile(): equal, non-trivial, no graph break. -> dynamo's counters."""
     eager = {name: run() for name, run in runs.items()}
     pipe.compile()
     torch._dynamo.reset()
@@ -97,23 +103,48 @@ def test_compiled_step_gives_the_eager_steps_tokens(hub, one_thread):
         assert torch.equal(tokens, eager[name]), f"{name}: the compiled step gave other tokens"
     counters = torch._dynamo.utils.counters
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    return counters
 
 
-def test_the_step_has_no_random_draws_and_compiles_whole(hub, one_thread):
-    """sampling_step itself: the same noise gives the same tokens twice (nothing random inside), and
+def test_compiled_samplers_give_the_eager_tokens(hub, one_thread):
+    """The other samplers through the compiled step (fullgraph): the Halton order with a guidance ramp and a softmax
+    temperature ramp, and inpainting with guidance on the later steps only (its unguided steps run the U-ViT on the
+    prompts alone: a graph of their own), give the eager tokens, with no graph break."""
+    pipe = Amused.from_pretrained(hub)
+    image, mask = smooth_images(1, 32, 32, seed=3), torch.zeros(32, 32)
+    mask[8:24, 4:20] = 1
+    runs = {
+        "halton, ramp": lambda: pipe(PROMPTS, steps=5, generator=seeded(1), output_type="tokens", sampler="halton",
+                                     guidance_schedule="ramp", softmax_temperature=(1.0, 0.7)),
+        "inpaint, interval": lambda: pipe.inpaint(PROMPTS, image, mask, steps=6, generator=seeded(3),
+                                                  output_type="tokens", guidance_schedule="interval"),
+    }
+    compiled_gives_eager_tokens(pipe, runs)
+
+
+@pytest.mark.parametrize("sampler", ["confidence", "halton"])
+def test_the_step_has_no_random_draws_and_compiles_whole(hub, one_thread, sampler):
+    """sampling_step itself, for each sampler, guided by a float (the reference) or a 0-d tensor (a schedule), with
+    and without a softmax temperature: the same noise gives the same tokens twice (nothing random inside), and
     torch._dynamo.explain finds one graph and no break in it."""
     pipe = Amused.from_pretrained(hub)
     conds = pipe.conditions(PROMPTS, None, 1, True, (32, 32), 6.0, (0, 0))
     tokens = torch.full((2, 8, 8), pipe.mask_id)
-    noise = amused.draw_step_noise(2, 64, pipe.transformer.cfg.codebook_size, torch.float32, pipe.device, seeded(0),
-                                   last=False)
-    args = (pipe.transformer, conds, tokens, noise, torch.tensor(40), torch.tensor(1.5))
-    a, finite = amused.sampling_step(*args, mask_id=pipe.mask_id, guidance_scale=4.0)
-    b, _ = amused.sampling_step(*args, mask_id=pipe.mask_id, guidance_scale=4.0)
-    assert torch.equal(a, b) and bool(finite) and (a == pipe.mask_id).sum(dim=(1, 2)).tolist() == [40, 40]
-    explained = torch._dynamo.explain(amused.sampling_step)(*args, mask_id=pipe.mask_id, guidance_scale=4.0)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    noise = sampling.draw_step_noise(2, 64, pipe.transformer.cfg.codebook_size, torch.float32, pipe.device,
+                                     seeded(0), uniforms=sampler == "confidence")
+    if sampler == "confidence":
+        plan, choose, masked_after = (torch.tensor(40), torch.tensor(1.5)), sampling.unmask_step, [40, 40]
+    else:
+        ranks = sampling.halton_ranks(sampling.halton_order(8, 8), tokens.reshape(2, 64) == pipe.mask_id,
+                                      torch.tensor([0, 5]))
+        plan, choose, masked_after = (ranks, torch.tensor([24, 24])), sampling.halton_step, [40, 40]
+    for guidance, temperature in [(4.0, None), (torch.tensor(4.0), torch.tensor(0.9))]:
+        args = (pipe.transformer, conds, tokens, noise, plan, guidance, temperature)
+        a, finite = sampling.sampling_step(*args, mask_id=pipe.mask_id, choose=choose)
+        b, _ = sampling.sampling_step(*args, mask_id=pipe.mask_id, choose=choose)
+        assert torch.equal(a, b) and bool(finite) and (a == pipe.mask_id).sum(dim=(1, 2)).tolist() == masked_after
+        explained = torch._dynamo.explain(sampling.sampling_step)(*args, mask_id=pipe.mask_id, choose=choose)
+        assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
 # ----------------------------------------------------------------------------------------------------

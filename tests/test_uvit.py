@@ -223,8 +223,8 @@ def test_half_precision_tiny(tiny, dtype):
 @pytest.mark.parametrize("case, match", [
     ("id too large", r"ids must lie in \[0, 72\)"),
     ("negative id", r"ids must lie in \[0, 72\)"),
-    ("wrong grid", r"expects a 8x8 token grid"),
-    ("flat ids", r"expects a 8x8 token grid"),
+    ("wrong grid", r"halves the token grid inside \(downsample\), so h and w must be even; got a 7x8 grid"),
+    ("flat ids", r"expects a token grid, ids of shape \(B, h, w\)"),
     ("float ids", r"integer token ids"),
     ("text width", r"text_hidden of shape \(B, L, 32\)"),
     ("text batch", r"text_hidden of shape \(B, L, 32\)"),
@@ -272,12 +272,29 @@ def test_bad_inputs(tiny, case, match):
 
 
 def test_bad_grid_names_preset():
-    with torch.device("meta"):  # validation happens before any real compute
+    """amused-512 halves its grid inside: an odd side is refused, naming the preset; any even grid runs (shapes
+    only: on the meta device, before any real compute)."""
+    with torch.device("meta"):
         ours = UViT(PRESETS["amused-512"])
         text, pooled, micro = torch.zeros(1, 77, 768), torch.zeros(1, 768), torch.zeros(1, 5)
-        ids = torch.zeros(1, 16, 16, dtype=torch.long)
-    with pytest.raises(ValueError, match="amused-512 expects a 32x32 token grid"):
-        direct(ours, ids, text, pooled, micro)
+        odd, even = torch.zeros(1, 33, 32, dtype=torch.long), torch.zeros(1, 16, 48, dtype=torch.long)
+    with pytest.raises(ValueError, match="amused-512 halves the token grid inside .* got a 33x32 grid"):
+        direct(ours, odd, text, pooled, micro)
+    assert direct(ours, even, text, pooled, micro).shape == (1, 8192, 16, 48)
+
+
+@pytest.mark.parametrize("h, w", [(8, 12), (4, 4), (12, 6)])
+@torch.no_grad()
+def test_other_grids_match_the_reference(tiny, h, w):
+    """Any even grid (the tiny config downsamples, like amused-512): the same logits as UVit2DModel."""
+    ref, ours = tiny
+    ids = torch.randint(0, TINY_UVIT["vocab_size"], (2, h, w), generator=torch.Generator().manual_seed(h * w))
+    text, pooled = torch.randn(2, 77, 32), torch.randn(2, 24)
+    micro = torch.tensor([[4.0 * w, 4.0 * h, 0, 0, 6], [4.0 * w, 4.0 * h, 2, 3, 5]])
+    want = ref(ids, micro_conds=micro, pooled_text_emb=pooled, encoder_hidden_states=text)
+    got = direct(ours, ids, text, pooled, micro)
+    assert got.shape == (2, TINY_UVIT["codebook_size"], h, w)
+    assert_close(f"{h}x{w} logits", got, want, atol=TOL["fp32"] * logit_scale(want))
 
 
 # ----------------------------------------------------------------------------------------------------
