@@ -4,8 +4,11 @@ One-line errors with exit code 2 and Ctrl-C without a traceback (`run`), the hel
 dtype names, atomic file writes and image grids. Nothing here knows about the model.
 """
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -55,6 +58,30 @@ def resolve_device(name: str) -> str:
     if name == "mps" and not mps:
         raise UsageError("--device mps: MPS (Apple GPU) is not available here; use --device cpu or auto")
     return name
+
+
+@contextlib.contextmanager
+def stop_requests(message: str | None):
+    """Inside, Ctrl-C and SIGTERM (what cluster schedulers send before they kill) do not interrupt: they are
+    recorded in the yielded list (their times), for the loop to stop where its work is whole (train.py: after the
+    step; sample_many.py: after the batch). The first prints "SIGNAL: message" (None: nothing, as on a process
+    other than rank 0). A second Ctrl-C quits at once (KeyboardInterrupt), but only a second later: torchrun
+    forwards the terminal's Ctrl-C to its workers, which so receive it twice within milliseconds."""
+    requests = []
+
+    def request(signum, frame):
+        if requests and signum == signal.SIGINT and time.monotonic() - requests[0] > 1.0:
+            raise KeyboardInterrupt
+        if not requests and message is not None:
+            print(f"\n{signal.Signals(signum).name}: {message}", flush=True)
+        requests.append(time.monotonic())
+
+    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requests
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def atomic_write(path, write) -> None:

@@ -10,16 +10,26 @@ U-ViT from scratch.
     torchrun --nproc_per_node 4 train.py ...      # DistributedDataParallel: one process per GPU, --batch-size each
     python train.py ... --resume                  # continue the run saved in --out exactly where it stopped
 
-Data (--data): a folder of images with captions, either NAME.txt beside each NAME.png or one metadata.jsonl holding
-{"file_name": ..., "text": ...} per line (the Hugging Face "imagefolder" layout); or a single image whose caption is
---prompt (style transfer, StyleDrop-like). Each image's shorter side is resized to the model's resolution (bilinear)
-and a random square is cropped; the original size and the crop's corner are its micro-conditioning, with aesthetic
-score 6. Images that cannot be read are skipped with a warning, when the run starts and also mid-run.
+Data (--data; data.py reads it): a folder of images with captions, either NAME.txt beside each NAME.png or one
+metadata.jsonl holding {"file_name": ..., "text": ...} per line (the Hugging Face "imagefolder" layout); a single
+image whose caption is --prompt (style transfer, StyleDrop-like); img2dataset/webdataset tar shards (KEY.jpg +
+KEY.txt; a .tar, a folder of them or a brace pattern "shards/{00000..00099}.tar"); or a folder of token shards that
+prepare_data.py wrote, which hold every image's VQ tokens already, so that no image is decoded and no VQGAN runs in
+the training step:
+
+    python prepare_data.py --checkpoint amused/amused-256 --data "laion/{00000..00999}.tar" --out tokens/ --views 2
+    torchrun --nproc_per_node 8 train.py --checkpoint amused/amused-256 --data tokens/ --out runs/big ...
+
+Each image's shorter side is resized to the model's resolution (bilinear) and a random square is cropped; the
+original size and the crop's corner are its micro-conditioning, with aesthetic score 6 (from token shards: one of
+the crops prepare_data.py stored, chosen per example). Data that cannot be read (an undecodable image, a member
+without a caption, a truncated or empty tar) is skipped, counted and the first few named, when the run starts and
+also mid-run, where the progress lines count it.
 
 Objective (MUSE, Chang et al. 2023, §2.1-2.2; aMUSEd, Patil et al. 2024, §3; diffusers examples/amused/
 train_amused.py): the frozen VQGAN turns each image into a grid of token ids; a fraction mask_ratio(t), t ~ U(0, 1),
-of them is replaced by the mask id, at least one, using the sampler's schedule function (amused.training_mask_count
-beside amused.sampling_mask_counts); the U-ViT is trained with cross-entropy on the masked positions only, given the
+of them is replaced by the mask id, at least one, using the sampler's schedule function (sampling.training_mask_count
+beside sampling.sampling_mask_counts); the U-ViT is trained with cross-entropy on the masked positions only, given the
 frozen CLIP text encoder's embedding of the caption or, with probability --prompt-dropout, of the empty prompt (what
 classifier-free guidance needs).
 
@@ -39,8 +49,9 @@ The loss of one optimizer step is the mean over every masked token of the global
 --grad-accum micro-batches), so the update does not depend on how the batch is split; the reference averages the
 per-micro-batch means instead. Every random number of a training example (its crop, mask ratio, masked positions,
 prompt dropout) is drawn from a generator seeded by (--seed, the example's number in the run), and the data order is
-a seeded permutation per epoch. So a run resumed with --resume, or split over more processes, sees exactly the same
-batches: on the CPU a resumed run ends with bit-identical weights.
+a seeded permutation per epoch (of the shards, --shard-window at a time, and of their examples). So a run resumed
+with --resume, or split over more processes, sees exactly the same batches, each example once per epoch: on the CPU
+a resumed run ends with bit-identical weights.
 
 What we do not copy from diffusers' examples/amused/train_amused.py: its prompt dropout keeps the prompt with
 probability p (here p is the probability of dropping it) and is overwritten for dataset batches; its split VQ encode
@@ -67,40 +78,52 @@ import contextlib
 import dataclasses
 import functools
 import gc
-import hashlib
 import importlib.util
 import json
 import math
 import os
 import resource
-import signal
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 from safetensors.torch import save_file
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 import cli
 import uvit
-from amused import Amused, training_mask_count
+from amused import Amused
 from cli import UsageError, atomic_write
-from convert_weights import (COMPONENTS, Checkpoint, CheckpointError, check_components, load_checkpoint,
-                             save_single_file, single_file_metadata)
+from convert_weights import (
+    COMPONENTS,
+    Checkpoint,
+    CheckpointError,
+    check_components,
+    load_checkpoint,
+    save_single_file,
+    single_file_metadata,
+)
+from data import (
+    DEFAULT_WINDOW,
+    OBJECTIVE_STREAM,
+    Data,
+    check_tokens_fit,
+    example_generator,
+    find_source,
+    step_examples,
+    vq_fingerprint,
+)
+from sampling import training_mask_count
 
 MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 LR_SCHEDULES = ("constant", "cosine")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-AESTHETIC_SCORE = 6.0  # micro-conditioning of every training image, as in the reference (and the sampler's default)
 IGNORE = -100  # label of the positions that do not count in the loss (F.cross_entropy's ignore_index)
 STATE_FILE, MODEL_FILE, LOG_FILE = "checkpoint.pt", "model.safetensors", "log.jsonl"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights and load_lora_weights use
@@ -116,162 +139,6 @@ NO_DECAY = (
     "encoder_proj_layer_norm.weight",  # the RMSNorm of the projected text hidden states ("layer_norm.weight")
     "mlm_layer.layer_norm.weight",  # the RMSNorm before the logits ("layer_norm.weight")
 )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Randomness: one generator per training example
-
-
-DATA_STREAM, OBJECTIVE_STREAM = 0, 1
-
-
-def example_generator(seed: int, number: int, stream: int) -> torch.Generator:
-    """The random numbers of example `number` of the run (counted over all steps and epochs). Stream DATA_STREAM
-    crops its image; OBJECTIVE_STREAM draws its mask ratio, masked positions and prompt dropout, in that order. They
-    depend on nothing else, so neither the batch split nor a resume changes them."""
-    return torch.Generator().manual_seed(((seed * 2**32 + number) * 2 + stream) % 2**64)
-
-
-def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The order in which epoch `epoch` visits the n examples: a permutation seeded by (seed, epoch)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 2**20 + epoch))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass(frozen=True)
-class Example:
-    path: Path
-    caption: str
-
-
-def unreadable(path: Path) -> str | None:
-    """None if PIL decodes the whole file, else why not."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-        return None
-    except Exception as e:  # PIL's decoders raise OSError, ValueError, SyntaxError, DecompressionBombError, ...
-        return f"{type(e).__name__}: {e}"
-
-
-def captions_in_folder(folder: Path) -> list[tuple[Path, str]]:
-    """(image, caption) pairs: from metadata.jsonl when the folder has one, else from NAME.txt beside each image."""
-    meta = folder / "metadata.jsonl"
-    pairs = []
-    if meta.is_file():
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                file_name, text = entry["file_name"], entry["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UsageError(f"{meta}, line {n}: expected a JSON object with \"file_name\" and \"text\" "
-                                 f"({type(e).__name__}: {e})") from None
-            if not isinstance(file_name, str) or not isinstance(text, str):
-                raise UsageError(f"{meta}, line {n}: \"file_name\" and \"text\" must be strings")
-            if not (folder / file_name).is_file():
-                warnings.warn(f"{meta}, line {n}: {folder / file_name} not found: skipped")
-                continue
-            pairs.append((folder / file_name, text))
-        return pairs
-    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        caption = image.with_suffix(".txt")
-        if not caption.is_file():
-            warnings.warn(f"{image}: skipped, no caption (write it to {caption.name}, or list the images with their "
-                          f"captions in metadata.jsonl)")
-            continue
-        pairs.append((image, caption.read_text(encoding="utf-8").strip()))
-    return pairs
-
-
-def find_examples(data: str, prompt: str | None) -> list[Example]:
-    """The captioned images of --data (a folder, or one image captioned by --prompt). Images that PIL cannot
-    decode are skipped with a warning; it is an error if none is left."""
-    path = Path(data)
-    if path.is_file():
-        if prompt is None:
-            raise UsageError("--data is a single image: give its caption with --prompt")
-        pairs = [(path, prompt)]
-    elif path.is_dir():
-        if prompt is not None:
-            raise UsageError("--prompt is for a single image; a folder's captions come from .txt files or "
-                             "metadata.jsonl")
-        pairs = captions_in_folder(path)
-    else:
-        raise UsageError(f"--data {data}: no such file or folder")
-    examples = []
-    for image, caption in pairs:
-        why = unreadable(image)
-        if why is not None:
-            warnings.warn(f"{image}: skipped, not a readable image ({why})")
-            continue
-        examples.append(Example(image, caption))
-    if not examples:
-        raise UsageError(f"--data {data}: no readable, captioned image")
-    return examples
-
-
-def process_image(image: Image.Image, resolution: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A PIL image -> pixels (3, R, R) in [0, 1] and micro-conditioning (5,) [orig_width, orig_height, crop_top,
-    crop_left, aesthetic score]: the shorter side resized to R (bilinear), then a random R x R crop.
-
-    Matches reference: train_amused.py process_image: EXIF orientation applied, RGB, torchvision's Resize(R)
-    (the longer side truncated to int) and RandomCrop.get_params (top drawn first, then left); the crop corner is in
-    the resized image."""
-    image = ImageOps.exif_transpose(image).convert("RGB")
-    W, H = image.size
-    w, h = (resolution, int(resolution * H / W)) if W <= H else (int(resolution * W / H), resolution)
-    image = image.resize((w, h), Image.BILINEAR)
-    top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
-    left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, R, R)
-    return pixels, torch.tensor([W, H, top, left, AESTHETIC_SCORE], dtype=torch.float32)
-
-
-class Data:
-    """The examples in run order: epoch e visits them in epoch_order(seed, e), so example number g of the run is
-    examples[order(g // n)[g % n]]: a pure function of the seed, with no loader state to save for --resume."""
-
-    def __init__(self, examples: list[Example], resolution: int, seed: int):
-        self.examples, self.resolution, self.seed = examples, resolution, seed
-        self._orders = {}  # epoch -> permutation; only the current one or two are kept
-
-    def __len__(self):
-        return len(self.examples)
-
-    def index(self, number: int) -> int:
-        epoch, n = number // len(self), len(self)
-        if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-            self._orders[epoch] = epoch_order(self.seed, epoch, n)
-        return int(self._orders[epoch][number % n])
-
-    def load(self, number: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """Example `number` of the run -> (pixels (3, R, R), micro_conds (5,), caption). An image that has become
-        unreadable since the start is replaced by the next one in the data set, with a warning, not a crash."""
-        generator = example_generator(self.seed, number, DATA_STREAM)
-        i = self.index(number)
-        for k in range(len(self)):
-            example = self.examples[(i + k) % len(self)]
-            try:
-                with Image.open(example.path) as image:
-                    pixels, micro = process_image(image, self.resolution, generator)
-                return pixels, micro, example.caption
-            except Exception as e:  # any decoder failure, as in unreadable()
-                warnings.warn(f"{example.path}: skipped, could not read it ({type(e).__name__}: {e}); "
-                              f"using the next image")
-        raise RuntimeError("none of the training images can be read any more")
-
-    def fingerprint(self, root: str) -> str:
-        """A hash of the (relative path, caption) list: --resume refuses a changed data set."""
-        rows = [[str(e.path.relative_to(root) if Path(root).is_dir() else e.path.name), e.caption]
-                for e in self.examples]
-        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -335,9 +202,13 @@ class Batch:
 @torch.no_grad()
 def make_batch(pipe: Amused, data: Data, numbers: list[int], empty: tuple[torch.Tensor, torch.Tensor],
                prompt_dropout: float, min_masking_rate: float, schedule: str) -> Batch:
-    """Examples `numbers` of the run, encoded by the frozen VQGAN and text encoder, masked, prompts dropped."""
-    pixels, micro, captions = zip(*(data.load(g) for g in numbers))
-    ids = pipe.vqvae.encode_to_ids(torch.stack(pixels).to(pipe.device))  # (B, h, w)
+    """Examples `numbers` of the run: their tokens (read from token shards, or the frozen VQGAN's encoding of their
+    crops), masked; their captions through the frozen text encoder, prompts dropped."""
+    items = [data.load(g) for g in numbers]
+    if data.tokens:
+        ids = torch.stack([item.ids for item in items]).to(pipe.device)  # (B, h, w)
+    else:
+        ids = pipe.vqvae.encode_to_ids(torch.stack([item.pixels for item in items]).to(pipe.device))  # (B, h, w)
     input_ids, labels, drop = [], [], []
     for i, g in enumerate(numbers):
         generator = example_generator(data.seed, g, OBJECTIVE_STREAM)
@@ -347,9 +218,10 @@ def make_batch(pipe: Amused, data: Data, numbers: list[int], empty: tuple[torch.
         # The reference keeps the prompt when uniform < p, i.e. drops it with probability 1 - p; here p is the
         # probability of dropping it. Drawn whatever p is, so that p does not change the other draws.
         drop.append(torch.rand((), generator=generator) < prompt_dropout)
-    hidden, pooled = pipe.encode_prompt(list(captions))  # (B, 77, D), (B, P)
+    hidden, pooled = pipe.encode_prompt([item.caption for item in items])  # (B, 77, D), (B, P)
     hidden, pooled = drop_prompts(hidden, pooled, *empty, torch.stack(drop).to(pipe.device))
-    return Batch(torch.cat(input_ids), torch.cat(labels), hidden, pooled, torch.stack(micro).to(pipe.device))
+    micro = torch.stack([item.micro for item in items]).to(pipe.device)  # (B, 5)
+    return Batch(torch.cat(input_ids), torch.cat(labels), hidden, pooled, micro)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -366,7 +238,7 @@ def transformer_config(spec: str) -> uvit.UViTConfig:
     try:
         fields = json.loads(Path(spec).read_text(encoding="utf-8"))
         if not isinstance(fields, dict):
-            raise ValueError(f"expected a JSON object of UViTConfig fields, got {type(fields).__name__}")
+            raise TypeError(f"expected a JSON object of UViTConfig fields, got {type(fields).__name__}")
         return uvit.config_from_hub(fields)  # ValueError naming an unknown or a missing field, or a bad value
     except (OSError, ValueError, TypeError) as e:  # json's and UTF-8's decode errors are ValueErrors
         raise UsageError(f"--init-transformer {spec}: {e}") from None
@@ -584,9 +456,12 @@ class ResumeSettings:
     batch_size: int
     grad_accum: int
     world_size: int
-    data: str  # Data.fingerprint: the (image, caption) list
+    data: str  # Data.fingerprint: the (image, caption) list, the tars' names and sizes, the token shards' settings
     ema: bool
     mixed_precision: str
+    # --shard-window where the data has several shards; None for a folder, whose order it does not change (and
+    # whose runs saved before it existed resume: a missing key reads as None)
+    shard_window: int | None = None
 
 
 def save_state(path: Path, step: int, state: TrainingState, settings: ResumeSettings, device: torch.device) -> None:
@@ -714,37 +589,16 @@ def end_distributed(world: int) -> None:
         dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def stop_requests(rank: int):
-    """Inside, Ctrl-C and SIGTERM (what cluster schedulers send) do not interrupt: they are recorded in the yielded
-    list, and the loop stops at the end of the step, where the state is consistent. A second Ctrl-C quits at once
-    (KeyboardInterrupt), but only a second later: torchrun forwards the terminal's Ctrl-C to its workers, which so
-    receive it twice within milliseconds."""
-    requests = []  # times of the stop requests
-
-    def request(signum, frame):
-        if requests and signum == signal.SIGINT and time.monotonic() - requests[0] > 1.0:
-            raise KeyboardInterrupt
-        if not requests:
-            log(f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again to quit without saving)",
-                rank)
-        requests.append(time.monotonic())
-
-    previous = {s: signal.signal(s, request) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requests
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def log_progress(path: Path, rank: int, step: int, max_steps: int, losses: list[float], lr: float, images: int,
-                 seconds: float, device: torch.device) -> None:
-    """The progress line: the mean loss of the steps since the last one, the learning rate, speed and peak memory;
-    rank 0 prints it and appends it to log.jsonl."""
-    entry = dict(step=step, loss=sum(losses) / len(losses), lr=lr, images_per_s=images / seconds)
+                 seconds: float, data_seconds: float, unreadable: int, device: torch.device) -> None:
+    """The progress line: the mean loss of the steps since the last one, the learning rate, speed, the time a step
+    waited for its data, the examples replaced because unreadable (if any), and peak memory; rank 0 prints it and
+    appends it to log.jsonl."""
+    entry = {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "images_per_s": images / seconds,
+             "data_ms_per_step": 1000 * data_seconds / len(losses), "unreadable": unreadable}
+    bad = f"{unreadable} unreadable examples replaced so far, " if unreadable else ""
     log(f"step {step}/{max_steps} loss {entry['loss']:.4f} lr {lr:.1e} {entry['images_per_s']:.1f} img/s "
-        f"{peak_memory(device)}", rank)
+        f"data {entry['data_ms_per_step']:.1f} ms/step {bad}{peak_memory(device)}", rank)
     if rank == 0:
         with open(path, "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -752,16 +606,6 @@ def log_progress(path: Path, rank: int, step: int, max_steps: int, losses: list[
 
 # ----------------------------------------------------------------------------------------------------
 # One training step
-
-
-def step_examples(step: int, batch_size: int, grad_accum: int, rank: int, world: int) -> tuple[range, list[list[int]]]:
-    """The example numbers of optimizer step `step`: its global batch, batch_size x world x grad_accum consecutive
-    examples of the run, and this process's micro-batches of it: micro-batch m of process r holds the batch_size
-    examples from first + (m * world + r) * batch_size on."""
-    G = batch_size * world * grad_accum
-    first = step * G
-    starts = [first + (m * world + rank) * batch_size for m in range(grad_accum)]
-    return range(first, first + G), [list(range(s, s + batch_size)) for s in starts]
 
 
 def accumulate_gradients(model: nn.Module, pipe: Amused, data: Data, empty: tuple[torch.Tensor, torch.Tensor],
@@ -788,13 +632,23 @@ def accumulate_gradients(model: nn.Module, pipe: Amused, data: Data, empty: tupl
     return loss_sum
 
 
-def all_reduce_loss_and_stop(loss_sum: torch.Tensor, stop_requests: int, world: int) -> tuple[float, bool]:
-    """One all-reduce for two things: the global batch's summed loss, and whether any process was asked to stop
-    (all must stop at the same step, or the others would wait for it forever)."""
-    totals = torch.stack([loss_sum, torch.tensor(float(stop_requests), device=loss_sum.device)])
+@dataclass(frozen=True)
+class StepTotals:
+    loss_sum: float  # the global batch's summed loss
+    stopping: bool  # a process was asked to stop
+    data_seconds: float  # spent loading data since the start, the mean over processes
+    unreadable: int  # examples replaced because they could not be read, since the start, all processes
+
+
+def all_reduce_step(loss_sum: torch.Tensor, stop_requests: int, data: Data, world: int) -> StepTotals:
+    """One all-reduce for what the step's end needs from every process: the summed loss, whether any process was
+    asked to stop (all must stop at the same step, or the others would wait for it forever), and the data counts."""
+    counts = [stop_requests, data.load_seconds, sum(data.problems.counts.values())]
+    totals = torch.cat([loss_sum[None], torch.tensor(counts, dtype=loss_sum.dtype, device=loss_sum.device)])
     if world > 1:
         dist.all_reduce(totals)
-    return totals[0].item(), totals[1].item() > 0
+    loss, stop, seconds, unreadable = totals.tolist()
+    return StepTotals(loss, stop > 0, seconds / world, round(unreadable))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -806,14 +660,15 @@ def check_settings(*, lora: bool, lora_rank: int, init_transformer: str | None, 
                    warmup_steps: int, lr_schedule: str, label_smoothing: float, prompt_dropout: float,
                    min_masking_rate: float,
                    mixed_precision: str, ema_decay: float, save_every: int, validate_every: int, log_every: int,
-                   seed: int, state_path: Path, resume: bool) -> None:
+                   seed: int, shard_window: int, state_path: Path, resume: bool) -> None:
     """UsageError for settings we cannot train with: checked before anything slow."""
     checks = [
         (lora_rank >= 1, f"--lora-rank must be >= 1, got {lora_rank}"),
-        (not (lora and init_transformer), "--init-transformer trains a new U-ViT, all of it; --lora adapts an "
-                                          "existing one: use one or the other"),
+        (not (lora and init_transformer), ("--init-transformer trains a new U-ViT, all of it; --lora adapts an "
+                                           "existing one: use one or the other")),
         (lr > 0 and weight_decay >= 0, f"--lr must be > 0 and --weight-decay >= 0, got {lr}, {weight_decay}"),
-        (min(batch_size, grad_accum, log_every) >= 1, "--batch-size, --grad-accum and --log-every must be >= 1"),
+        (min(batch_size, grad_accum, log_every, shard_window) >= 1,
+         "--batch-size, --grad-accum, --log-every and --shard-window must be >= 1"),
         (min(max_steps, warmup_steps, save_every, validate_every) >= 0,
          "--max-steps, --warmup-steps, --save-every and --validate-every must be >= 0"),
         (0 <= prompt_dropout <= 1, f"--prompt-dropout is a probability in [0, 1], got {prompt_dropout}"),
@@ -826,8 +681,8 @@ def check_settings(*, lora: bool, lora_rank: int, init_transformer: str | None, 
         (lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}"),
         (optimizer in ("adamw", "adamw8bit"), f"--optimizer must be adamw or adamw8bit, got {optimizer!r}"),
         (not resume or state_path.is_file(), f"--resume: there is no {state_path} to continue from"),
-        (resume or not state_path.exists(), f"{state_path} exists: pass --resume to continue that run, or choose "
-                                            f"another --out"),
+        (resume or not state_path.exists(), (f"{state_path} exists: pass --resume to continue that run, or choose "
+                                             f"another --out")),
     ]
     for ok, message in checks:
         if not ok:
@@ -846,7 +701,7 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
          min_masking_rate: float = 0.0, mixed_precision: str = "no", gradient_checkpointing: bool = False,
          ema: bool = False, ema_decay: float = 0.9999, save_every: int = 500, validate_every: int = 250,
          validation_prompts: list[str] | None = None, log_every: int = 10, seed: int = 0, device: str = "auto",
-         resume: bool = False) -> int:
+         resume: bool = False, shard_window: int = DEFAULT_WINDOW) -> int:
     """Train; returns the number of optimizer steps done in all (less than max_steps when interrupted)."""
     # ---- Settings and data, checked first: loading the model takes a while
     out_dir = Path(out)
@@ -856,18 +711,21 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
                    label_smoothing=label_smoothing,
                    prompt_dropout=prompt_dropout, min_masking_rate=min_masking_rate, mixed_precision=mixed_precision,
                    ema_decay=ema_decay, save_every=save_every, validate_every=validate_every, log_every=log_every,
-                   seed=seed, state_path=out_dir / STATE_FILE, resume=resume)
+                   seed=seed, shard_window=shard_window, state_path=out_dir / STATE_FILE, resume=resume)
     new_config = transformer_config(init_transformer) if init_transformer else None
     targets = tuple(t for t in lora_targets.split(",") if t)
     rank, world, dev = torchrun_process(device)
     with contextlib.nullcontext() if rank == 0 else warnings.catch_warnings(action="ignore"):
-        examples = find_examples(data, prompt)  # rank 0 alone warns of the images it skips
+        source = find_source(data, prompt)  # rank 0 alone warns of what it skips
     out_dir.mkdir(parents=True, exist_ok=True)
     start_distributed(dev, world)
     try:
         # ---- Load: the text encoder and the VQGAN stay frozen, in fp32; the U-ViT from the checkpoint, or new
         pipe = load_pipeline(checkpoint, variant, init_transformer, new_config, seed, dev, rank)
-        data_set = Data(examples, pipe.resolution, seed)
+        if source.kind == "tokens":  # made with this VQ, at this resolution?
+            check_tokens_fit(source, vq_fingerprint(pipe.vqvae), pipe.resolution, pipe.transformer.cfg.sample_size,
+                             pipe.transformer.cfg.codebook_size)
+        data_set = Data(source.shards, pipe.resolution, seed, shard_window)
 
         # ---- What to train: the whole U-ViT, or LoRA adapters on the frozen one
         torch.manual_seed(seed)  # the LoRA initialisation
@@ -881,25 +739,28 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
         autocast = autocast_context(mixed_precision, dev)
         settings = ResumeSettings(lora, lora_rank if lora else None, lora_alpha if lora else None,
                                   targets if lora else None, dataclasses.asdict(new_config) if new_config else None,
-                                  seed, batch_size, grad_accum, world, data_set.fingerprint(data), ema, mixed_precision)
+                                  seed, batch_size, grad_accum, world, data_set.fingerprint(), ema, mixed_precision,
+                                  shard_window if len(source.shards) > 1 else None)
         step = load_state(out_dir / STATE_FILE, state, settings, dev) if resume else 0
         G = batch_size * world * grad_accum  # the global batch
         mode = (f"LoRA rank {lora_rank}, alpha {lora_alpha:g} on {len(params) // 2} layers ({', '.join(targets)})"
                 if lora else f"full, a new U-ViT ({init_transformer})" if init_transformer else "full")
-        log_settings(dict(mode=mode, trainable=f"{sum(p.numel() for p in params.values()):,} parameters",
-                          data=f"{len(data_set)} images", device=dev, processes=world,
-                          batch=f"{batch_size} x {world} processes x {grad_accum} accumulation = {G}",
-                          lr=f"{lr:g} (warm-up {warmup_steps} steps, then {lr_schedule})", optimizer=optimizer,
-                          mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-                          ema=f"{ema_decay:g}" if ema else "off", prompt_dropout=prompt_dropout,
-                          label_smoothing=label_smoothing, max_steps=max_steps, seed=seed, out=out_dir,
-                          start=f"step {step}, resumed from {out_dir / STATE_FILE}" if resume else "step 0"), rank)
+        log_settings({"mode": mode, "trainable": f"{sum(p.numel() for p in params.values()):,} parameters",
+                      "data": source.describe(), "skipped": source.problems.summary(), "device": dev,
+                      "processes": world,
+                      "batch": f"{batch_size} x {world} processes x {grad_accum} accumulation = {G}",
+                      "lr": f"{lr:g} (warm-up {warmup_steps} steps, then {lr_schedule})", "optimizer": optimizer,
+                      "mixed_precision": mixed_precision, "gradient_checkpointing": gradient_checkpointing,
+                      "ema": f"{ema_decay:g}" if ema else "off", "prompt_dropout": prompt_dropout,
+                      "label_smoothing": label_smoothing, "max_steps": max_steps, "seed": seed, "out": out_dir,
+                      "start": f"step {step}, resumed from {out_dir / STATE_FILE}" if resume else "step 0"}, rank)
 
         # ---- Train: one optimizer step per global batch; Ctrl-C or SIGTERM stops at the end of a step
         empty = pipe.encode_prompt([""])  # the dropped prompt's conditioning, (1, 77, D) and (1, P)
         seq_len = pipe.transformer.cfg.sample_size ** 2  # tokens per image
-        t_log, losses = time.perf_counter(), []
-        with stop_requests(rank) as stop:
+        t_log, data_log, losses = time.perf_counter(), 0.0, []  # data_log: data_seconds at the last progress line
+        with cli.stop_requests("stopping after this step (Ctrl-C again to quit without saving)" if rank == 0
+                               else None) as stop:
             while step < max_steps:
                 global_batch, micro_batches = step_examples(step, batch_size, grad_accum, rank, world)
                 n_masked = sum(example_mask_count(seed, g, seq_len, min_masking_rate, pipe.schedule)
@@ -909,13 +770,13 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
                 lr_now = lr_at(step, lr, warmup_steps, lr_schedule, max_steps)
                 optimizer_step(state, lr_now, step, max_grad_norm, ema_decay)
                 step += 1
-                loss_sum, stopping = all_reduce_loss_and_stop(loss_sum, len(stop), world)
-                losses.append(loss_sum / n_masked)
+                totals = all_reduce_step(loss_sum, len(stop), data_set, world)
+                losses.append(totals.loss_sum / n_masked)
                 if step % log_every == 0 or step == max_steps:
                     log_progress(out_dir / LOG_FILE, rank, step, max_steps, losses, lr_now, len(losses) * G,
-                                 time.perf_counter() - t_log, dev)
-                    t_log, losses = time.perf_counter(), []
-                if stopping:
+                                 time.perf_counter() - t_log, totals.data_seconds - data_log, totals.unreadable, dev)
+                    t_log, data_log, losses = time.perf_counter(), totals.data_seconds, []
+                if totals.stopping:
                     break
                 if validation_prompts and rank == 0 and (step == max_steps or validate_every
                                                          and step % validate_every == 0):
@@ -940,7 +801,9 @@ if __name__ == "__main__":
     p.add_argument("--variant", choices=["fp16"], default=None,
                    help="read the .fp16.safetensors files of a hub checkpoint (training still keeps fp32 weights)")
     p.add_argument("--data", required=True,
-                   help="folder of images with NAME.txt captions or a metadata.jsonl; or one image with --prompt")
+                   help="folder of images with NAME.txt captions or a metadata.jsonl; one image with --prompt; tar "
+                        "shards (img2dataset: a .tar, a folder of them, or a pattern \"{00000..00099}.tar\"); or a "
+                        "folder of token shards from prepare_data.py")
     p.add_argument("--prompt", default=None, help="the caption of a single --data image (style transfer)")
     p.add_argument("--out", required=True, help="output folder: checkpoint.pt, the weights, validation grids, log")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
@@ -988,6 +851,9 @@ if __name__ == "__main__":
                    help="auto: cuda, else mps, else cpu; under torchrun, cuda is each process's GPU (LOCAL_RANK)")
     g.add_argument("--seed", type=int, default=0,
                    help="data order, crops, masks, prompt dropout, LoRA init, a new U-ViT's init")
+    g.add_argument("--shard-window", type=int, default=DEFAULT_WINDOW,
+                   help="tar or token shards whose examples are shuffled together; each process reads from this many "
+                        "(twice as many at a window's edge) at a time")
     g = p.add_argument_group("progress")
     g.add_argument("--log-every", type=int, default=10, help="print a progress line every N steps")
     g.add_argument("--save-every", type=int, default=500, help="save every N steps (0: only at the end)")

@@ -3,6 +3,7 @@ r"""examples/digits.py: a whole aMUSEd trained from scratch on a CPU in minutes,
     python examples/digits.py --out runs/digits                        # data -> VQ -> U-ViT -> judged results
     python sample.py "a handwritten digit 7" --checkpoint runs/digits/model.safetensors --out seven.png
     python examples/digits.py --out runs/digits --figures docs/how-it-works  # also redraw docs/how-it-works.md's
+    python examples/digits.py --out runs/digits-tokens --tokens        # train.py on prepare_data.py's token shards
 
 What nanoGPT's shakespeare_char is for language models: a model small enough to train on a laptop's CPU that
 visibly works, so that the training objective, the sampler and classifier-free guidance can be seen to learn and
@@ -23,8 +24,11 @@ draw something real without a 3.5 GB download and a GPU. The data are scikit-lea
      give ten different captions ten different embeddings, which random weights do. The U-ViT learns what they
      mean.
   5. U-ViT: trained from scratch by train.py itself (--init-transformer), the VQ and the text encoder frozen, with
-     prompt dropout so that classifier-free guidance works. The result, DIR/model.safetensors, is a complete
-     checkpoint in convert_weights.py's single-file format: Amused.from_pretrained and sample.py load it.
+     prompt dropout so that classifier-free guidance works. With --tokens, prepare_data.py first encodes the
+     training digits into token shards once, and train.py trains on those instead of the images: at 16x16 px there
+     is one crop per image, and the 1,347 digits make one shard, whose order is the folder's, so it trains on the
+     same tokens in the same order, without a VQ encode per step. The result, DIR/model.safetensors, is a
+     complete checkpoint in convert_weights.py's single-file format: Amused.from_pretrained and sample.py load it.
   6. judged results (DIR/results.json, DIR/results.md): at the pipeline's defaults (12 steps, guidance 10) and at
      guidance 4, over --per-class images per class: the judge's accuracy for the prompted class, overall and per
      class; diversity (mean pairwise distance of a class's samples over that of the held-out real digits of the
@@ -54,6 +58,7 @@ sys.path.insert(0, str(ROOT))  # the project's flat modules
 
 import cli  # noqa: E402
 import clip_text  # noqa: E402
+import prepare_data
 import train  # noqa: E402
 import uvit  # noqa: E402
 import vqgan  # noqa: E402
@@ -364,7 +369,8 @@ def results_markdown(r: dict, recipe: Recipe) -> str:
 # ----------------------------------------------------------------------------------------------------
 
 
-def main(out: str, recipe: str = "full", seed: int = 0, figures: str | None = None, threads: int | None = None) -> dict:
+def main(out: str, recipe: str = "full", seed: int = 0, figures: str | None = None, threads: int | None = None,
+         tokens: bool = False) -> dict:
     t_start, out_dir, r = time.perf_counter(), Path(out), RECIPES[recipe]
     if threads:
         torch.set_num_threads(threads)
@@ -403,9 +409,18 @@ def main(out: str, recipe: str = "full", seed: int = 0, figures: str | None = No
     (out_dir / "uvit.json").write_text(json.dumps(dataclasses.asdict(UVIT), indent=2))
     finished(times, "text", t0)
 
-    log(f"5/6 U-ViT: train.py --init-transformer {out_dir / 'uvit.json'} ({r.uvit_steps} steps of {r.uvit_batch})")
+    train_data = out_dir / "data"
+    if tokens:
+        log("5/6 tokens: prepare_data.py encodes the training digits once")
+        t0 = time.perf_counter()
+        prepare_data.main(checkpoint=str(out_dir / "start.safetensors"), data=str(train_data),
+                          out=str(out_dir / "tokens"), device="cpu")
+        train_data = out_dir / "tokens"
+        finished(times, "tokens", t0)
+    log(f"5/6 U-ViT: train.py --init-transformer {out_dir / 'uvit.json'} ({r.uvit_steps} steps of {r.uvit_batch}) "
+        f"on {train_data}")
     t0 = time.perf_counter()
-    train.main(checkpoint=str(out_dir / "start.safetensors"), data=str(out_dir / "data"), out=str(out_dir / "train"),
+    train.main(checkpoint=str(out_dir / "start.safetensors"), data=str(train_data), out=str(out_dir / "train"),
                init_transformer=str(out_dir / "uvit.json"), lr=r.uvit_lr, warmup_steps=r.uvit_warmup,
                lr_schedule="cosine", max_grad_norm=MAX_GRAD_NORM, batch_size=r.uvit_batch, max_steps=r.uvit_steps,
                prompt_dropout=r.prompt_dropout, save_every=0, validate_every=0, log_every=max(1, r.uvit_steps // 10),
@@ -440,4 +455,6 @@ if __name__ == "__main__":
     p.add_argument("--figures", default=None, metavar="FOLDER",
                    help="also draw the pictures of docs/how-it-works.md into FOLDER")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--tokens", action=argparse.BooleanOptionalAction, default=False,
+                   help="train the U-ViT on token shards that prepare_data.py makes of the training digits")
     cli.run(main, p.parse_args(), errors=(cli.UsageError, ValueError, OSError))
