@@ -7,6 +7,8 @@
     python sample.py "a dog" --init-image cat.png --mask mask.png                   # inpainting, white = repaint
     python sample.py "a cat" --checkpoint amused-512.safetensors --device cuda --compile
     python sample.py "a cat" --exact                                      # float32, diffusers' image bit for bit
+    python sample.py "a wide beach" --width 384 --height 256             # any size, in multiples of 16 pixels
+    python sample.py --prompts prompts.txt --out-dir out/ --batch-size 8  # many images: sample_many.py
 
 --checkpoint takes a hub-layout folder, a file written by convert_weights.py, or a hub repo id, which is
 downloaded into huggingface_hub's cache on first use. --seed seeds a torch.Generator, on the CPU unless sampling on
@@ -19,6 +21,12 @@ Each entry of --steps is an independent run from the same seed, so the columns o
 number of steps. Each step commits at least one token to the image, so a step count above the number of tokens
 (256 for amused-256, 1024 for amused-512) is no better, only slower. Image to image and inpainting at a
 --strength below 1 run only the last steps of the schedule (the image's tokens stand in for the first ones).
+
+Sizes: text to image is drawn at --width x --height (default: the model's own, 256x256 or 512x512; multiples of 16
+pixels, of 32 for amused-512, up to 16x the model's pixel count). An --init-image is generated at about the model's
+pixel count at the image's own aspect ratio (a 4000x3000 photo at 288x224 with amused-256), or at --width x
+--height: it is scaled and centre-cropped to that size, with a note. (The Python API instead keeps the image's own
+size, cut to whole tokens, as diffusers does.) Far from the size it was trained at, the model draws worse.
 
 --init-image and --mask may be in any mode Pillow reads: 16-bit and float (values in [0, 1]) grayscale are
 scaled to 8 bits, and an alpha channel is dropped with a warning; 32-bit integer images, whose range is unknown,
@@ -42,9 +50,11 @@ from PIL import Image, ImageOps
 
 import amused
 import cli
+import sampling
 import speed
 from amused import Amused, to_pil
 from cli import DTYPES, UsageError
+from sampling import Sampler
 from convert_weights import CheckpointError
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
@@ -58,6 +68,27 @@ USER_ERRORS = (UsageError, CheckpointError, FileNotFoundError, ValueError, TypeE
 
 # ----------------------------------------------------------------------------------------------------
 # Checks that need no model
+
+
+def parse_temperature(text: str, flag: str) -> float | tuple[float, float]:
+    """"0.8" -> 0.8; "2,0" -> (2.0, 0.0): a temperature, or its first and last step's."""
+    try:
+        values = tuple(float(t) for t in str(text).split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2) or not all(math.isfinite(v) for v in values):
+        raise UsageError(f"{flag} must be a finite number or two like 2,0 (first step, last step), got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def parse_sampler(sampler: str, guidance_schedule: str, guidance_from: float, mask_schedule: str | None,
+                  softmax_temperature: str, halton_roll: bool) -> Sampler:
+    """The sampler flags -> a checked Sampler."""
+    try:
+        return Sampler(sampler, mask_schedule, guidance_schedule, guidance_from,
+                       parse_temperature(softmax_temperature, "--softmax-temperature"), halton_roll)
+    except ValueError as e:
+        raise UsageError(f"--{str(e).replace('_', '-')}") from None
 
 
 def parse_steps(text) -> list[int]:
@@ -82,6 +113,21 @@ def check_numbers(guidance_scale: float, aesthetic_score: float, seed: int, num_
         raise UsageError(f"--seed must be in [0, 2**64), got {seed}")
     if num_images < 1:
         raise UsageError(f"--num-images must be >= 1, got {num_images}")
+
+
+def describe_sampler(how: Sampler, guidance_scale: float, step_counts: list[int], strength: float | None) -> str:
+    """The settings line's: the sampler, what differs from the reference, and the U-ViT passes per image."""
+    changed = [f"{key} {value}" for key, value, default in [
+        ("guidance", how.guidance_schedule + (f" from {how.guidance_from:g}" if how.guidance_schedule == "interval"
+                                               else ""), "constant"),
+        ("mask schedule", how.mask_schedule, None), ("softmax temperature", how.softmax_temperature, 1.0),
+        ("roll", how.halton_roll if how.name == "halton" else True, True)] if value != default]
+    passes = []
+    for n in step_counts:
+        scales = sampling.guidance_scales(guidance_scale, n, how.guidance_schedule, how.guidance_from)
+        passes.append(sampling.passes_per_image(scales[n - int(n * strength):] if strength else scales))
+    return (f"{how.name}{' (' + ', '.join(changed) + ')' if changed else ''}: "
+            f"{','.join(map(str, passes))} U-ViT passes per image")
 
 
 def check_mode(init_image: str | None, mask: str | None, strength: float | None,
@@ -182,8 +228,11 @@ class Job:
     num_images: int
     aesthetic_score: float
     strength: float | None  # None for text to image
-    image: Image.Image | None  # 8-bit RGB, model-sized
+    image: Image.Image | None  # 8-bit RGB, at the size to generate
     mask: Image.Image | None  # 8-bit L, the image's aspect ratio
+    size: tuple[int, int] | None = None  # text to image: (width, height) in pixels; None: the model's
+    sampler: Sampler = Sampler()  # how tokens are drawn (sampling.py); the default is the reference's
+    temperature: float | tuple[float, float] = (2.0, 0.0)  # the confidence sampler's Gumbel temperature
 
 
 def load(checkpoint: str, device: str, dtype: torch.dtype, variant: str | None, exact: bool) -> Amused:
@@ -191,23 +240,66 @@ def load(checkpoint: str, device: str, dtype: torch.dtype, variant: str | None, 
     pipe = Amused.from_pretrained(checkpoint, device=device, dtype=dtype, variant=variant, exact=exact)
     s = pipe.transformer.cfg.sample_size
     vq_note = " (VQ in fp32: force_upcast)" if pipe.vqvae.upcast else ""
-    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s: {pipe.resolution}x{pipe.resolution} images, "
-          f"{s}x{s} tokens{vq_note}", flush=True)
+    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s: trained at {pipe.resolution}x{pipe.resolution} "
+          f"({s}x{s} tokens){vq_note}", flush=True)
     return pipe
 
 
-def fit_to_model(image: Image.Image, size: int, token: int, what: str) -> Image.Image:
-    """An image of another size than the model's, scaled (shorter side to `size`, Lanczos) and centre-cropped to
-    size x size, with a note. The pipelines themselves refuse other sizes; the command line does this for you.
-    Sizes within one token (`token` pixels) of the model's are left to the pipeline, which cuts them down like
-    the reference."""
-    if size <= min(image.width, image.height) and max(image.width, image.height) < size + token:
+def model_size_at(aspect: float, pipe: Amused) -> tuple[int, int]:
+    """(width, height) of about the model's pixel count at aspect = width / height, each side rounded to a multiple
+    of pipe.size_multiple: 4:3 gives 288x224 for amused-256, 16:9 gives 336x192."""
+    m, res = pipe.size_multiple, pipe.resolution
+    return (max(m, round(res * math.sqrt(aspect) / m) * m), max(m, round(res / math.sqrt(aspect) / m) * m))
+
+
+def image_size(image: Image.Image, width: int | None, height: int | None, pipe: Amused) -> tuple[int, int]:
+    """The size an init image is generated at: --width and --height if both are given; one of them and the other
+    from the image's aspect ratio; neither: the model's pixel count at the image's aspect ratio (model_size_at)."""
+    m = pipe.size_multiple
+    if width is not None and height is not None:
+        return width, height
+    if width is not None:
+        return width, max(m, round(width * image.height / image.width / m) * m)
+    if height is not None:
+        return max(m, round(height * image.width / image.height / m) * m), height
+    return model_size_at(image.width / image.height, pipe)
+
+
+def fit_image(image: Image.Image, size: tuple[int, int], token: int, what: str) -> Image.Image:
+    """An image scaled (Lanczos) to cover size = (width, height) and centre-cropped to it, with a note. An image
+    whose sides cut down to whole tokens (`token` pixels) already give `size` is left to the pipeline, which makes
+    that cut like the reference."""
+    W, H = size
+    if (image.width - image.width % token, image.height - image.height % token) == size:
         return image
-    scale = size / min(image.width, image.height)
-    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    left, top = (w - size) // 2, (h - size) // 2
-    print(f"note: {what} is {image.width}x{image.height}; scaled to {w}x{h} and centre-cropped to {size}x{size}")
-    return image.resize((w, h), resample=Image.LANCZOS).crop((left, top, left + size, top + size))
+    scale = max(W / image.width, H / image.height)
+    w, h = max(W, round(image.width * scale)), max(H, round(image.height * scale))
+    left, top = (w - W) // 2, (h - H) // 2
+    print(f"note: {what} is {image.width}x{image.height}; scaled to {w}x{h}" + (
+        f" and centre-cropped to {W}x{H}" if (w, h) != size else ""))
+    return image.resize((w, h), resample=Image.LANCZOS).crop((left, top, left + W, top + H))
+
+
+def step_cost(cfg, h: int, w: int) -> float:
+    """The multiply-adds of one U-ViT pass over an h x w token grid, roughly: the convolutional stages and the MLM
+    head per position, the transformer layers per (possibly halved) token, and self-attention per pair of tokens."""
+    n = h * w
+    n_t = n // 4 if cfg.downsample else n
+    C, D, K = cfg.block_out_channels, cfg.hidden_size, cfg.codebook_size
+    per_position = 2 * cfg.num_res_blocks * (8 * C * C + 4 * C * C) + cfg.in_channels * (C + K)
+    per_token = cfg.num_hidden_layers * (8 * D * D + 3 * D * cfg.intermediate_size)
+    return n * per_position + n_t * per_token + cfg.num_hidden_layers * 2 * n_t * n_t * D
+
+
+def note_size(pipe: Amused, size: tuple[int, int]) -> None:
+    """Past the model's own size: what a step will cost, and that the model did not learn that size."""
+    (W, H), res, f = size, pipe.resolution, pipe.vqvae.cfg.downsample_factor
+    if W * H <= res * res:
+        return
+    cost = step_cost(pipe.transformer.cfg, H // f, W // f) / step_cost(pipe.transformer.cfg, res // f, res // f)
+    print(f"note: {W}x{H} has {W * H / res ** 2:.1f}x the pixels of the model's {res}x{res}: a step costs about "
+          f"{cost:.1f}x as long (self-attention grows with the square of the tokens), and the model was trained at "
+          f"{res}x{res}, so expect repeated or broken content far from it")
 
 
 def compile_and_warm_up(pipe: Amused, job: Job, seed: int, generator: str) -> None:
@@ -217,7 +309,8 @@ def compile_and_warm_up(pipe: Amused, job: Job, seed: int, generator: str) -> No
     anything."""
     pipe.compile()
     t0 = time.perf_counter()
-    pipe(job.prompt, job.negative_prompt, steps=2, guidance_scale=job.guidance_scale,
+    width, height = job_size(pipe, job)
+    pipe(job.prompt, job.negative_prompt, height=height, width=width, steps=2, guidance_scale=job.guidance_scale,
          num_images_per_prompt=job.num_images, generator=torch.Generator(generator).manual_seed(seed),
          output_type="tokens")
     if pipe.device.type == "cuda":
@@ -268,21 +361,40 @@ class Progress:
             self.history.append(tokens[0].to("cpu", copy=True))  # a copy, even when already on the CPU
 
 
+def job_size(pipe: Amused, job: Job) -> tuple[int, int]:
+    """(width, height) of the job's images: the init image's, or the text-to-image size."""
+    if job.image is not None:
+        f = pipe.vqvae.cfg.downsample_factor
+        return job.image.width - job.image.width % f, job.image.height - job.image.height % f
+    return job.size or (pipe.resolution, pipe.resolution)
+
+
+def sampler_keywords(sampler: Sampler) -> dict:
+    """A Sampler as the pipeline methods' keywords."""
+    return dict(sampler=sampler.name, guidance_schedule=sampler.guidance_schedule, guidance_from=sampler.guidance_from,
+                mask_schedule=sampler.mask_schedule, softmax_temperature=sampler.softmax_temperature,
+                halton_roll=sampler.halton_roll)
+
+
 def generate(pipe: Amused, job: Job, n_steps: int, generator: torch.Generator, callback) -> list[Image.Image]:
     kw = dict(steps=n_steps, guidance_scale=job.guidance_scale, generator=generator,
-              num_images_per_prompt=job.num_images, aesthetic_score=job.aesthetic_score, callback=callback)
+              num_images_per_prompt=job.num_images, aesthetic_score=job.aesthetic_score, callback=callback,
+              temperature=job.temperature, **sampler_keywords(job.sampler))
     if job.mode == "inpaint":
         return pipe.inpaint(job.prompt, job.image, job.mask, job.strength, job.negative_prompt, **kw)
     if job.mode == "img2img":
         return pipe.img2img(job.prompt, job.image, job.strength, job.negative_prompt, **kw)
-    return pipe(job.prompt, job.negative_prompt, **kw)
+    width, height = job_size(pipe, job)
+    return pipe(job.prompt, job.negative_prompt, height=height, width=width, **kw)
 
 
 def generate_all(pipe: Amused, job: Job, step_counts: list[int], seed: int, generator: str,
                  keep_history: bool) -> tuple[list[list[Image.Image]], list[torch.Tensor]]:
     """One run per step count -> columns[j]: the images of run j, and (keep_history) the first image's tokens
     (h, w) after each step of the first run."""
-    n_tokens = job.num_images * pipe.transformer.cfg.sample_size ** 2
+    width, height = job_size(pipe, job)
+    f = pipe.vqvae.cfg.downsample_factor
+    n_tokens = job.num_images * (height // f) * (width // f)
     history, columns = [], []
     for j, n_steps in enumerate(step_counts):
         progress = Progress(pipe.mask_id, n_steps, n_tokens, history if keep_history and j == 0 else None)
@@ -339,18 +451,31 @@ def write_gif(pipe: Amused, history: list[torch.Tensor], path: Path, n_steps: in
 # ----------------------------------------------------------------------------------------------------
 
 
-def main(prompt: str, checkpoint: str = "amused/amused-256", negative_prompt: str | None = None, steps: str = "12",
-         guidance_scale: float = 10.0, seed: int = 0, num_images: int = 1, out: str = "out.png",
+def main(prompt: str | None, checkpoint: str = "amused/amused-256", negative_prompt: str | None = None,
+         steps: str = "12", guidance_scale: float = 10.0, seed: int = 0, num_images: int = 1, out: str = "out.png",
          device: str = "auto", dtype: str = "auto", compile: bool = False, init_image: str | None = None,
          strength: float | None = None, mask: str | None = None, save_steps: str | None = None,
          aesthetic_score: float = 6.0, variant: str | None = None, exact: bool = False,
-         generator: str = "auto") -> None:
+         generator: str = "auto", width: int | None = None, height: int | None = None, sampler: str = "confidence",
+         guidance_schedule: str = "constant", guidance_from: float = 0.5, mask_schedule: str | None = None,
+         softmax_temperature: str = "1.0", halton_roll: bool = True, temperature: str = "2,0", prompts: None = None,
+         out_dir: str | None = None, batch_size: int = 1, shard: str | None = None) -> None:
+    """One grid from one prompt. prompts is None here (--prompts FILE runs sample_many.main); out_dir, batch_size
+    and shard are its flags."""
+    if prompt is None or out_dir is not None or batch_size != 1 or shard is not None:
+        raise UsageError("give a prompt, or --prompts FILE --out-dir DIR for many images" if prompt is None else
+                         "--out-dir, --batch-size and --shard apply with --prompts FILE (many images)")
     t_start = time.perf_counter()
 
     # 1. Everything that can be checked without the model, first: loading takes seconds to minutes.
     step_counts = parse_steps(steps)
     check_numbers(guidance_scale, aesthetic_score, seed, num_images)
+    for flag, side in (("--width", width), ("--height", height)):
+        if side is not None and side < 1:
+            raise UsageError(f"{flag} must be a positive number of pixels, got {side}")
     mode, strength = check_mode(init_image, mask, strength, step_counts)
+    how = parse_sampler(sampler, guidance_schedule, guidance_from, mask_schedule, softmax_temperature, halton_roll)
+    gumbel_temperature = parse_temperature(temperature, "--temperature")
     out_path = check_writable(out, "--out", IMAGE_FORMATS)
     gif_path = None if save_steps is None else check_writable(save_steps, "--save-steps", {".gif": "GIF"})
     device = cli.resolve_device(device)
@@ -364,23 +489,30 @@ def main(prompt: str, checkpoint: str = "amused/amused-256", negative_prompt: st
               "the output stays close to the input; use e.g. 0.99 to redo most of it")
     settings = dict(prompt=repr(prompt), negative_prompt=repr(negative_prompt), checkpoint=checkpoint,
                     variant=variant, mode=mode, steps=",".join(map(str, step_counts)), guidance_scale=guidance_scale,
+                    sampler=describe_sampler(how, guidance_scale, step_counts, strength),
+                    temperature=gumbel_temperature,
                     seed=seed, generator=generator, num_images=num_images, aesthetic_score=aesthetic_score,
-                    init_image=init_image, strength=strength, mask=mask, device=device,
+                    width=width, height=height, init_image=init_image, strength=strength, mask=mask, device=device,
                     dtype=dtype_shown, compile=compile, exact=exact,
                     out=out, save_steps=save_steps)
     print("settings:\n" + "\n".join(f"  {key:<16}{value}" for key, value in settings.items()))
 
-    # 2. The model, and the input images fitted to its size.
+    # 2. The model, the size, and the input images fitted to it.
     pipe = load(checkpoint, device, torch_dtype, variant, exact)
-    px, f = pipe.resolution, pipe.vqvae.cfg.downsample_factor
+    size = ((width or pipe.resolution, height or pipe.resolution) if image is None
+            else image_size(image, width, height, pipe))
+    pipe.token_grid(size[1], size[0], f"{size[0]}x{size[1]} pixels")  # a clear error for a size that has none
+    note_size(pipe, size)
+    f = pipe.vqvae.cfg.downsample_factor
     job = Job(mode, prompt, negative_prompt, guidance_scale, num_images, aesthetic_score, strength,
-              image=None if image is None else fit_to_model(image, px, f, "--init-image"),
-              mask=None if mask_image is None else fit_to_model(mask_image, px, f, "--mask"))
+              image=None if image is None else fit_image(image, size, f, "--init-image"),
+              mask=None if mask_image is None else fit_image(mask_image, size, f, "--mask"),
+              size=size if image is None else None, sampler=how, temperature=gumbel_temperature)
     if compile:
         compile_and_warm_up(pipe, job, seed, generator)
 
     # 3. One run per step count, each from the same seed.
-    note_step_counts(job, step_counts, pipe.transformer.cfg.sample_size ** 2)
+    note_step_counts(job, step_counts, (size[0] // f) * (size[1] // f))
     t_gen = time.perf_counter()
     columns, history = generate_all(pipe, job, step_counts, seed, generator, keep_history=gif_path is not None)
     t_gen = time.perf_counter() - t_gen
@@ -414,7 +546,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", default=None, help="the text; or --prompts FILE for many images")
     add_model_flags(p)
     p.add_argument("--negative-prompt", default=None, help="what to steer away from; None: the empty prompt")
     p.add_argument("--steps", default="12", help="sampling steps; a comma list such as 5,10,15 makes a grid")
@@ -429,11 +561,49 @@ if __name__ == "__main__":
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the whole sampling step (CUDA: with CUDA graphs); compiling takes tens of "
                         "seconds, and on the CPU gains little")
+    p.add_argument("--sampler", choices=sampling.SAMPLERS, default="confidence",
+                   help="confidence: the reference's (MaskGIT: keep the most confident tokens, re-mask the rest); "
+                        "halton: reveal positions in a fixed, evenly spread order (Besnier et al. 2025)")
+    p.add_argument("--guidance-schedule", choices=sampling.GUIDANCE_SCHEDULES, default="constant",
+                   help="constant: the reference's; ramp: from none at the first step to --guidance-scale at the last; "
+                        "interval: none before --guidance-from of the steps (one U-ViT pass instead of two)")
+    p.add_argument("--guidance-from", type=float, default=0.5,
+                   help="with --guidance-schedule interval: the fraction of the steps run without guidance")
+    p.add_argument("--mask-schedule", choices=sampling.SCHEDULES, default=None,
+                   help="how many tokens stay masked after each step; default: the checkpoint's (cosine) for the "
+                        "confidence sampler, linear for its inpainting, arccos for halton")
+    p.add_argument("--softmax-temperature", default="1.0",
+                   help="temperature of the token draws: a number, or first,last (a linear ramp over the steps)")
+    p.add_argument("--temperature", default="2,0",
+                   help="the confidence sampler's Gumbel temperature (how random the choice of tokens to keep is): "
+                        "first,last step (the reference's 2,0), or a number falling to 0.01")
+    p.add_argument("--halton-roll", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --sampler halton: roll each image's order by an offset drawn from the seed")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width in pixels, a multiple of 16 (32 for amused-512). Default: the model's size; with "
+                        "--init-image, the model's pixel count at the image's aspect ratio")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels, as --width")
     p.add_argument("--init-image", default=None,
-                   help="start from this image (image to image); scaled and centre-cropped to the model's size")
+                   help="start from this image (image to image), scaled and centre-cropped to --width x --height")
     p.add_argument("--strength", type=float, default=None,
                    help="in (0, 1]: how much of --init-image to redo; None: 0.5, or 1.0 with --mask")
     p.add_argument("--mask", default=None, help="inpainting mask for --init-image: white = repaint")
     p.add_argument("--save-steps", default=None, metavar="FILE.gif",
                    help="write an animation of the prediction after every step (first image, first step count)")
-    cli.run(main, p.parse_args(), errors=USER_ERRORS)
+    many = p.add_argument_group("many images (sample_many.py)")
+    many.add_argument("--prompts", default=None, metavar="FILE",
+                      help="one prompt per line, or JSONL (.jsonl) with prompt and optional negative_prompt, seed, "
+                           "num_images, steps, guidance_scale, aesthetic_score, width, height; the flags above are "
+                           "the defaults")
+    many.add_argument("--out-dir", default=None, help="with --prompts: the folder of images (LLLLLLLL-III.png), "
+                                                      "run.json, manifest.jsonl and captions.txt")
+    many.add_argument("--batch-size", type=int, default=1, help="with --prompts: images per forward pass")
+    many.add_argument("--shard", default=None, metavar="I/N",
+                      help="with --prompts: make share I of N (from 0/N); torchrun's and SLURM's variables say it "
+                           "without this flag")
+    args = p.parse_args()
+    if args.prompts is not None:
+        import sample_many  # here: it imports this module
+        cli.run(sample_many.main, args, errors=USER_ERRORS)
+    else:
+        cli.run(main, args, errors=USER_ERRORS)

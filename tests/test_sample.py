@@ -26,6 +26,7 @@ from conftest import ROOT, assert_same_image, reference_pipeline, save_hub_check
 import amused
 from amused import Amused
 import sample
+import sampling
 import speed
 
 PROMPT = "a photo of a cat"
@@ -302,25 +303,84 @@ def test_compile_compiles_the_step_and_warms_up(files, capsys, monkeypatch):
     out = files["root"] / "compiled.png"
     sample.main(PROMPT, checkpoint=files["hub"], steps="2", out=str(out), compile=True)
     printed = capsys.readouterr().out
-    assert calls == [("compile", amused.sampling_step)] and re.search(r"^  compile +True$", printed, re.M)
+    assert calls == [("compile", sampling.sampling_step)] and re.search(r"^  compile +True$", printed, re.M)
     assert re.search(r"^compiled the sampling step in \d+\.\d s \(a 2-step warm-up run\)$", printed, re.M)
 
 
-def test_other_sizes_are_scaled_and_centre_cropped(files, pipe, tmp_path, capsys):
-    """The pipeline refuses a 64x48 image for a 32 px model; the command line scales the shorter side to 32 and
-    centre-crops (the image and the mask alike), then runs what the pipeline gives on that."""
+def test_init_images_keep_their_aspect_ratio(files, pipe, tmp_path, capsys):
+    """A 64x48 image for a 32x32 model (8 px multiples: 4 px tokens, a grid halved inside) is generated at the
+    model's pixel count at 4:3, rounded to the grid: 40x24; the image and the mask are scaled and centre-cropped
+    alike, and the run is what the pipeline gives on them. With --width/--height: that size."""
     big = Image.open(files["init"]).resize((64, 48), resample=Image.BICUBIC)
     big.save(tmp_path / "big.png")
     mask = Image.fromarray(square_mask(48, 64, 8, 20, 24))
     mask.save(tmp_path / "mask.png")
-    out = tmp_path / "out.png"
-    sample.main(PROMPT, checkpoint=files["hub"], steps="4", init_image=str(tmp_path / "big.png"),
-                mask=str(tmp_path / "mask.png"), out=str(out))
-    assert "scaled to 43x32 and centre-cropped to 32x32" in capsys.readouterr().out
-    fitted = big.resize((43, 32), resample=Image.LANCZOS).crop((5, 0, 37, 32))
-    fitted_mask = mask.resize((43, 32), resample=Image.LANCZOS).crop((5, 0, 37, 32))
-    ref = pipe.inpaint(PROMPT, fitted, fitted_mask, generator=seeded(0), steps=4)[0]
-    assert_same_image(Image.open(out), ref, "64x48 inpainting")
+    for (width, height), scaled, crop in [((None, None), (40, 30), (0, 3, 40, 27)),
+                                          ((32, 32), (43, 32), (5, 0, 37, 32))]:
+        out = tmp_path / "out.png"
+        sample.main(PROMPT, checkpoint=files["hub"], steps="4", init_image=str(tmp_path / "big.png"),
+                    mask=str(tmp_path / "mask.png"), out=str(out), width=width, height=height)
+        size = f"{crop[2] - crop[0]}x{crop[3] - crop[1]}"
+        assert f"scaled to {scaled[0]}x{scaled[1]} and centre-cropped to {size}" in capsys.readouterr().out
+        fitted = big.resize(scaled, resample=Image.LANCZOS).crop(crop)
+        fitted_mask = mask.resize(scaled, resample=Image.LANCZOS).crop(crop)
+        ref = pipe.inpaint(PROMPT, fitted, fitted_mask, generator=seeded(0), steps=4)[0]
+        assert_same_image(Image.open(out), ref, f"64x48 inpainting at {size}")
+        assert Image.open(out).size == (crop[2] - crop[0], crop[3] - crop[1])
+
+
+def test_width_and_height(files, pipe, tmp_path, capsys):
+    """Text to image at --width x --height equals the pipeline at that size; a size past the model's says what a
+    step will cost; a size with no token grid is one clear error, after the load (the multiple is the model's)."""
+    out = tmp_path / "wide.png"
+    sample.main(PROMPT, checkpoint=files["hub"], steps="3", width=64, height=40, out=str(out))
+    printed = capsys.readouterr().out
+    assert re.search(r"^note: 64x40 has 2\.5x the pixels of the model's 32x32: a step costs about \d+\.\dx", printed,
+                     re.M)
+    assert re.search(r"^  width +64$", printed, re.M) and re.search(r"^step 1/3: \d+ of 160 tokens", printed, re.M)
+    assert_same_image(Image.open(out), pipe(PROMPT, height=40, width=64, steps=3, generator=seeded(0))[0], "64x40")
+    with pytest.raises(ValueError, match="the width must be a multiple of 8 .*use e.g. 32 or 40"):
+        sample.main(PROMPT, checkpoint=files["hub"], steps="1", width=36, out=str(out))
+    with pytest.raises(sample.UsageError, match="--height must be a positive number of pixels"):
+        sample.main(PROMPT, checkpoint=files["hub"], height=0, out=str(out))
+
+
+def test_sampler_flags_reach_the_pipeline(files, pipe, tmp_path, capsys):
+    """--sampler and its knobs give the pipeline's image with those keywords, and the settings line says what they
+    cost in U-ViT passes; a bad value is refused before the load, naming the flag."""
+    out = tmp_path / "halton.png"
+    sample.main(PROMPT, checkpoint=files["hub"], steps="4,6", out=str(out), sampler="halton",
+                guidance_schedule="interval", softmax_temperature="1,0.8")
+    printed = capsys.readouterr().out
+    assert re.search(r"^  sampler +halton \(guidance interval from 0\.5, softmax temperature \(1\.0, 0\.8\)\): 6,9 "
+                     r"U-ViT passes per image$", printed, re.M), printed
+    grid = Image.open(out)
+    expected = pipe(PROMPT, steps=4, generator=seeded(0), sampler="halton", guidance_schedule="interval",
+                    softmax_temperature=(1.0, 0.8))[0]
+    assert_same_image(grid.crop((0, grid.height - 32, 32, grid.height)), expected, "the 4-step column")
+    sample.main(PROMPT, checkpoint=files["hub"], steps="12", out=str(out))
+    assert re.search(r"^  sampler +confidence: 24 U-ViT passes per image$", capsys.readouterr().out, re.M)
+    sample.main(PROMPT, checkpoint=files["hub"], steps="3", out=str(out), guidance_schedule="ramp",
+                guidance_scale=6.0, temperature="0.75,0")  # FEWER_PASSES's kind of setting
+    assert re.search(r"^  sampler +confidence \(guidance ramp\): 5 U-ViT passes per image$", capsys.readouterr().out,
+                     re.M)
+    expected = pipe(PROMPT, steps=3, guidance_scale=6.0, generator=seeded(0), guidance_schedule="ramp",
+                    temperature=(0.75, 0.0))[0]
+    assert_same_image(Image.open(out), expected, "ramp, Gumbel temperature 0.75 -> 0")
+    for kwargs, message in [(dict(guidance_from=1.5), r"--guidance-from must be in \[0, 1\]"),
+                            (dict(softmax_temperature="hot"), "--softmax-temperature must be a finite number or two"),
+                            (dict(softmax_temperature="0"), "--softmax-temperature must be a positive"),
+                            (dict(temperature="1,nan"), "--temperature must be a finite number or two like 2,0")]:
+        with pytest.raises(sample.UsageError, match=message):
+            sample.main(PROMPT, checkpoint=str(tmp_path / "missing"), **kwargs)
+
+
+def test_step_cost_grows_with_the_square_of_the_tokens():
+    """step_cost: linear in the tokens while they are few, quadratic (self-attention) when many."""
+    cfg = amused.uvit.PRESETS["amused-256"]
+    base = sample.step_cost(cfg, 16, 16)
+    assert 1.9 < sample.step_cost(cfg, 16, 32) / base < 2.2  # 2x the tokens: ~2x
+    assert sample.step_cost(cfg, 64, 64) / base > 20  # 16x the tokens: attention dominates
 
 
 def test_inpaint_equals_pipeline(files, pipe):
@@ -520,7 +580,7 @@ def test_16_bit_init_image_of_another_size_is_fitted(received, tmp_path, capsys)
     """40x40 16-bit gray: read as 8 bits, then scaled to the model's 32x32 like an 8-bit image of that size."""
     path = ramp_file(tmp_path, "I;16", "PNG", size=40)
     got = as_array(received(path)["image"], "L")
-    assert "scaled to 32x32 and centre-cropped to 32x32" in capsys.readouterr().out
+    assert "note: --init-image is 40x40; scaled to 32x32\n" in capsys.readouterr().out
     with Image.open(path) as f:
         eight_bit = Image.fromarray((np.asarray(f, dtype=float) / 257).round().astype("uint8"))
     expected = np.asarray(eight_bit.resize((32, 32), resample=Image.LANCZOS), dtype=int)
