@@ -131,7 +131,6 @@ def radical_inverse(i: int, base: int) -> Fraction:
     return value
 
 
-@lru_cache(maxsize=16)
 def halton_order(h: int, w: int) -> torch.Tensor:
     """Every position of an h x w grid (row-major indices, (h * w,) long) in the order the Halton sampler reveals
     them: the 2-D Halton points (radical_inverse(i, 2), radical_inverse(i, 3)), i = 1, 2, ..., scaled to the grid
@@ -139,6 +138,13 @@ def halton_order(h: int, w: int) -> torch.Tensor:
 
     Follows valeoai/Halton-MaskGIT, Sampler/halton_sampler.py (build_halton_mask), which takes a fixed 10,000 points
     and a square grid; we take points until every position of any grid is covered, in exact arithmetic."""
+    return torch.tensor(halton_positions(h, w))
+
+
+@lru_cache(maxsize=16)
+def halton_positions(h: int, w: int) -> tuple[int, ...]:
+    """halton_order's positions as Python ints, cached: a cached tensor would outlive the mode it was made in (a
+    FakeTensor made while tracing would later be read as data)."""
     seen, order, i = set(), [], 0
     while len(order) < h * w:
         i += 1
@@ -146,7 +152,7 @@ def halton_order(h: int, w: int) -> torch.Tensor:
         if (row, col) not in seen:
             seen.add((row, col))
             order.append(row * w + col)
-    return torch.tensor(order)
+    return tuple(order)
 
 
 def halton_ranks(order: torch.Tensor, masked: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

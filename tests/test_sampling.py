@@ -252,3 +252,15 @@ def test_sampling_counts_per_mode_defaults():
     plans = sampling.step_plans(Sampler("halton", halton_roll=False), tokens, 9, 4, 1, "arccos", 1.0,
                                 torch.linspace(2, 0, 4), None)
     assert plans[0] is None and [int(p[1]) for p in plans[1:]] == halton_reveal_counts(3, torch.tensor([16]))[:, 0].tolist()
+
+
+def test_an_order_made_while_tracing_is_not_kept():
+    """halton_order caches Python ints, not a tensor: one made under FakeTensorMode (compiling, or
+    tests/test_cuda_fake.py) and kept would be read as data by a later real run (it crashed the compiled step)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        traced = halton_order(5, 7)
+    real = halton_order(5, 7)
+    assert type(traced) is not torch.Tensor and type(real) is torch.Tensor
+    assert real.tolist() == [r * 7 + c for r, c in halton_order_by_definition(5, 7)]
