@@ -182,12 +182,17 @@ def main(models, batch_sizes, devices, dtypes, compile, steps, repeats, warmup, 
                 print(f"running {preset} batch {batch} on {device} ...", flush=True)
                 rows += bench_model(preset, batch, device, dtypes, compile, steps, repeats, warmup)
         text += f"Machine: {machine(device)}\n\n{header}\n" + "\n".join(rows) + "\n\n"
+    report(text, results)
+
+
+
+def report(text: str, results: str) -> None:
+    """Print a results table and append it to the file `results` ('' or None: do not)."""
     print(text)
     if results:
         with open(results, "a") as f:
             f.write(text)
         print(f"appended to {results}")
-
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,6 +6,7 @@ dtype names, atomic file writes and image grids. Nothing here knows about the mo
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -58,6 +59,14 @@ def resolve_device(name: str) -> str:
     if name == "mps" and not mps:
         raise UsageError("--device mps: MPS (Apple GPU) is not available here; use --device cpu or auto")
     return name
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """--shard i/n (the i-th of n separate jobs, from 0) -> (i, n)."""
+    m = re.fullmatch(r"(\d+)/(\d+)", shard)
+    if m is None or not int(m[1]) < int(m[2]):
+        raise UsageError(f"--shard must be i/n with 0 <= i < n, e.g. 0/4 for the first of 4 shares, got {shard!r}")
+    return int(m[1]), int(m[2])
 
 
 @contextlib.contextmanager

@@ -35,7 +35,6 @@ one process would. Images that cannot be decoded are skipped, counted in their s
 import argparse
 import contextlib
 import json
-import re
 import sys
 import time
 import warnings
@@ -243,12 +242,10 @@ def process_share(shard: str | None, rank: int, world: int) -> tuple[int, int]:
     """(i, n): this process takes the shards k with k % n == i; from torchrun's RANK and WORLD_SIZE, or --shard."""
     if shard is None:
         return rank, world
-    m = re.fullmatch(r"(\d+)/(\d+)", shard)
-    if m is None or not int(m[1]) < int(m[2]):
-        raise UsageError(f"--shard {shard}: expected i/n with 0 <= i < n, e.g. 0/4")
+    i, n = cli.parse_shard(shard)
     if world > 1:
         raise UsageError("--shard is for separate jobs; under torchrun each process takes its share by its rank")
-    return int(m[1]), int(m[2])
+    return i, n
 
 
 def check_settings(views: int, seed: int, shard_size: int, batch_size: int, workers: int,

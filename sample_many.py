@@ -240,10 +240,7 @@ class Process:
 def this_process(shard: str | None, env) -> Process:
     """--shard i/n, else torchrun's variables, else SLURM's, else process 0 of 1."""
     if shard is not None:
-        m = re.fullmatch(r"(\d+)/(\d+)", shard)
-        if m is None or not int(m[1]) < int(m[2]):
-            raise UsageError(f"--shard must be i/n with 0 <= i < n, e.g. 0/4 for the first of 4 shares, got {shard!r}")
-        return Process(int(m[1]), int(m[2]), 0, "--shard")
+        return Process(*cli.parse_shard(shard), 0, "--shard")
     for source, (rank, size, local) in {"torchrun": ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
                                         "SLURM": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")}.items():
         if rank in env and size in env:

@@ -105,11 +105,7 @@ def main(device: str, dtypes: list[str], batch_sizes: list[int], steps: int, rep
             f"| dtype | batch | images/s, median (min-max) | speed-up per image vs batch {batch_sizes[0]} | images "
             f"equal to the same image made alone | same images every round |\n|---|---|---|---|---|---|\n"
             + "\n".join(rows) + "\n")
-    print(text)
-    if results:
-        with open(results, "a") as f:
-            f.write(text)
-        print(f"appended to {results}")
+    bench.report(text, results)
 
 
 if __name__ == "__main__":

@@ -178,7 +178,8 @@ def test_command_line(tmp_path, hub):
     assert r.returncode == 0, r.stderr
     assert "1 of ~1 images (wrote tokens-00000-of-00001.safetensors: 1 examples, skipped none)" in r.stdout
     assert "done: 1 images encoded into 1 shards" in r.stdout
-    for extra, message in [(["--shard", "2/2"], "--shard 2/2: expected i/n with 0 <= i < n, e.g. 0/4"),
+    for extra, message in [(["--shard", "2/2"],
+                            "--shard must be i/n with 0 <= i < n, e.g. 0/4 for the first of 4 shares, got '2/2'"),
                            (["--views", "0"], "--views must be >= 1, got 0")]:
         r = subprocess.run(cmd + extra, cwd=ROOT, check=False, capture_output=True, text=True,
                            env={**os.environ, **ONE_THREAD}, timeout=120)
