@@ -148,20 +148,37 @@ OUTPUT_TYPES = ("pil", "pt", "tokens")
 MAX_PIXELS = 16
 
 
+def as_device(device) -> torch.device:
+    """A torch.device from a device or its name; ValueError naming what a device is for anything else (a dtype name
+    passed as the device, say)."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch.device or a name such as cpu, cuda, cuda:1 or mps, got {device!r} "
+                         f"(the precision is the dtype= keyword)") from e
+
+
 class Amused:
     """Text-to-image, image-to-image and inpainting with aMUSEd.
 
-        pipe = Amused.from_pretrained("amused-256")        # hub folder, converted file or hub repo id
-        images = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0))
+        pipe = Amused.from_pretrained("amused/amused-256")  # hub folder, converted file or hub repo id
+        images = pipe("a photo of a cat", seed=0)           # = generator=torch.Generator().manual_seed(0)
+        images = pipe("a photo of a cat", **pipe.sampling_defaults)  # the checkpoint's recommended settings
+
+    The sampling keywords' defaults are the reference's (diffusers'), whatever the checkpoint: a converted file may
+    recommend others (its "sampling_defaults", e.g. {"steps": 12, "guidance_scale": 4.0} for examples/digits.py's
+    model), which sample.py and playground.py use when no flag says otherwise; here pass them as above.
     """
 
     def __init__(self, ckpt: Checkpoint, device="cpu", dtype: torch.dtype | str = torch.float32, exact: bool = True):
-        """dtype: a torch dtype; "auto": the fastest precision the device runs natively (speed.auto_dtype; float32
-        when exact); "int8": the U-ViT's linear layers in int8 (quantize.py), the rest as "auto". A checkpoint whose
+        """dtype: torch.float32, float16 or bfloat16, or a name of one ("fp32", "fp16", "bf16", as sample.py's
+        --dtype, or "float32", ...); "auto": the fastest precision the device runs natively (speed.auto_dtype),
+        but float32 while exact is True, as it is by default: pass exact=False for the fast path (what sample.py
+        runs); "int8": the U-ViT's linear layers in int8 (quantize.py), the rest as "auto". A checkpoint whose
         U-ViT is int8 already (convert_weights.py --dtype int8) stays so. exact: on the CPU, run every operation as
         the reference does, so that float32 tokens and images equal diffusers' bit for bit; exact=False is faster
         there, and not bit-exact (speed.py)."""
-        device = torch.device(device)
+        device = as_device(device)
         speed.check(device, exact)
         dtype, int8, self.dtype_reason = speed.resolve_dtype(dtype, device, exact)
         stored_int8 = quantize.is_int8(ckpt.transformer)  # an int8 file
@@ -179,14 +196,17 @@ class Amused:
         self.schedule = ckpt.masking_schedule  # of text to image and image to image; inpainting's is linear
         self.device, self.dtype, self.exact = device, dtype, exact
         self.step_fn = sampling.sampling_step  # compile() swaps in the compiled step
+        self.lora_originals: dict[str, torch.Tensor] = {}  # load_lora's: the merged layers' own weights (CPU)
+        # what the checkpoint recommends passing to the three methods (convert_weights.check_sampling_defaults)
+        self.sampling_defaults: dict = dict(ckpt.sampling_defaults)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | str = torch.float32, variant: str | None = None,
                         exact: bool = True):
         """path: a hub-layout folder, a file written by convert_weights.py, or a hub repo id (downloaded). The
         weights are cast to `dtype` as they are read (int8: quantised as read): never held in the file's dtype and
-        in `dtype` at once."""
-        cast, int8, _ = speed.resolve_dtype(dtype, torch.device(device), exact)
+        in `dtype` at once. dtype and exact as in Amused(): "auto" is float32 unless exact=False."""
+        cast, int8, _ = speed.resolve_dtype(dtype, as_device(device), exact)
         return cls(load_checkpoint(path, variant, cast, int8), device, dtype, exact)
 
     def compile(self) -> None:
@@ -225,21 +245,30 @@ class Amused:
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt=None, *, height: int | None = None, width: int | None = None,
                  steps: int = 12, guidance_scale: float = 10.0,
-                 temperature=(2.0, 0.0), generator: Generators = None, num_images_per_prompt: int = 1,
-                 aesthetic_score: float = 6.0, crop_coords=(0, 0), output_type: str = "pil", callback=None,
-                 sampler: str = "confidence", guidance_schedule: str = "constant",
-                 guidance_from: float = 0.5, mask_schedule: str | None = None, softmax_temperature=1.0,
-                 halton_roll: bool = True):
+                 temperature=(2.0, 0.0), generator: Generators = None, seed: int | None = None,
+                 num_images_per_prompt: int = 1, aesthetic_score: float = 6.0, crop_coords=(0, 0),
+                 output_type: str = "pil", callback=None, sampler: str = "confidence",
+                 guidance_schedule: str = "constant", guidance_from: float = 0.5, mask_schedule: str | None = None,
+                 softmax_temperature=1.0, halton_roll: bool = True):
         """Text to image. prompt: a string or a list. height, width: in pixels, multiples of size_multiple (default:
         the model's resolution). Returns PIL images, a (B, 3, H, W) tensor in [0, 1], or tokens (B, h, w), per
         output_type; B = len(prompt) * num_images_per_prompt, ordered [p0, p1, p0, p1].
 
-        generator: one torch.Generator, or a list of one per image (each image then as if drawn alone). sampler
-        and the keywords after it choose how tokens are drawn (sampling.Sampler); the defaults are the reference's:
-        sampler "confidence" (MaskGIT's) or "halton"; guidance_schedule "constant", "ramp" or "interval" (unguided
-        before guidance_from x steps: fewer U-ViT passes); mask_schedule None (the mode's), "cosine", "linear" or
+        generator: one torch.Generator, or a list of one per image (each image then as if drawn alone). seed: an
+        int instead of a generator, meaning torch.Generator().manual_seed(seed) (on the CPU, as diffusers' examples
+        seed: the same draws on every device). callback(step, tokens): after every step, with step counted from 0
+        (sample.py prints it as "step 1/12") and tokens (B, h, w) the grid so far, mask_id where still masked.
+
+        guidance_scale <= 1 turns guidance off: one U-ViT pass per step instead of two. sampler and the keywords
+        after it choose how tokens are drawn (sampling.Sampler); the defaults are the reference's: sampler
+        "confidence" (MaskGIT's), "halton", or "dimo" (a distill.py student's start: random codes, partly masked,
+        their embeddings noised, every token drawn at the first step; from an image's tokens, in img2img and
+        inpainting, it is the confidence sampler); guidance_schedule "constant", "ramp" or "interval" (unguided before
+        guidance_from x steps: fewer U-ViT passes); mask_schedule None (the mode's), "cosine", "linear" or
         "arccos"; softmax_temperature of the draws (a pair ramps from the first step to the last); halton_roll.
-        temperature is the confidence sampler's Gumbel temperature."""
+        temperature is the confidence sampler's Gumbel temperature. The checkpoint may recommend other values
+        for these keywords: pipe.sampling_defaults."""
+        generator = self._generator(generator, seed)
         prompts = self._check(prompt, steps, guidance_scale, temperature, num_images_per_prompt, aesthetic_score,
                               crop_coords, output_type, generator)
         how = self._sampler(sampler, guidance_schedule, guidance_from, mask_schedule, softmax_temperature,
@@ -260,13 +289,14 @@ class Amused:
     @torch.no_grad()
     def img2img(self, prompt, image, strength: float = 0.5, negative_prompt=None, *, steps: int = 12,
                 guidance_scale: float = 10.0, temperature=(2.0, 0.0), generator: Generators = None,
-                num_images_per_prompt: int = 1, aesthetic_score: float = 6.0, crop_coords=(0, 0),
-                output_type: str = "pil", callback=None, sampler: str = "confidence",
+                seed: int | None = None, num_images_per_prompt: int = 1, aesthetic_score: float = 6.0,
+                crop_coords=(0, 0), output_type: str = "pil", callback=None, sampler: str = "confidence",
                 guidance_schedule: str = "constant", guidance_from: float = 0.5, mask_schedule: str | None = None,
                 softmax_temperature=1.0, halton_roll: bool = True):
         """Image to image: mask a random fraction of the image's tokens (more for higher strength), then run the
         last int(steps * strength) steps of the schedule. image: PIL, or a tensor in [0, 1], at its own size (each
         side cut down to a multiple of 16 pixels, like the reference). The other keywords as in __call__."""
+        generator = self._generator(generator, seed)
         prompts = self._check(prompt, steps, guidance_scale, temperature, num_images_per_prompt, aesthetic_score,
                               crop_coords, output_type, generator, strength)
         how = self._sampler(sampler, guidance_schedule, guidance_from, mask_schedule, softmax_temperature,
@@ -297,14 +327,15 @@ class Amused:
     @torch.no_grad()
     def inpaint(self, prompt, image, mask, strength: float = 1.0, negative_prompt=None, *, steps: int = 12,
                 guidance_scale: float = 10.0, temperature=(2.0, 0.0), generator: Generators = None,
-                num_images_per_prompt: int = 1, aesthetic_score: float = 6.0, crop_coords=(0, 0),
-                output_type: str = "pil", callback=None, sampler: str = "confidence",
+                seed: int | None = None, num_images_per_prompt: int = 1, aesthetic_score: float = 6.0,
+                crop_coords=(0, 0), output_type: str = "pil", callback=None, sampler: str = "confidence",
                 guidance_schedule: str = "constant", guidance_from: float = 0.5, mask_schedule: str | None = None,
                 softmax_temperature=1.0, halton_roll: bool = True):
         """Inpainting: mask the image's tokens under the mask (white = repaint) and fill them in. The rest of the
         image comes back as its VQ reconstruction (it is not pasted back), like the reference. The image is used at
         its own size, as in img2img; the mask (the image's aspect ratio) is resized to the token grid. The other
         keywords as in __call__."""
+        generator = self._generator(generator, seed)
         prompts = self._check(prompt, steps, guidance_scale, temperature, num_images_per_prompt, aesthetic_score,
                               crop_coords, output_type, generator, strength)
         how = self._sampler(sampler, guidance_schedule, guidance_from, mask_schedule, softmax_temperature,
@@ -392,9 +423,22 @@ class Amused:
             raise ValueError(f"generator: give one torch.Generator, or a list of one per image ({n_images} = "
                              f"{len(prompt)} prompts x {num_images_per_prompt}), got a list of {len(generator)}")
         if not (generator is None or isinstance(generator, (torch.Generator, list))):
+            seed_hint = f"; for a seed, pass seed={generator}" if isinstance(generator, int) else ""
             raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), a list of "
-                            f"them (one per image) or None, got {type(generator).__name__}")
+                            f"them (one per image) or None, got {type(generator).__name__}{seed_hint}")
         return list(prompt)
+
+    @staticmethod
+    def _generator(generator, seed):
+        """The generator of a call: `generator`, or a CPU one seeded with `seed`."""
+        if seed is None:
+            return generator
+        if generator is not None:
+            raise ValueError("give a generator or a seed, not both")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64) (what torch.Generator.manual_seed takes), "
+                             f"got {seed!r}")
+        return torch.Generator().manual_seed(seed)
 
     @property
     def size_multiple(self) -> int:
@@ -452,23 +496,38 @@ class Amused:
 
     @torch.no_grad()
     def load_lora(self, path, scale: float = 1.0) -> None:
-        """Merge a LoRA file into the U-ViT: W += scale * (alpha / r) * B @ A for each adapted Linear layer.
+        """Merge a LoRA file into the U-ViT: W = W0 + scale * (alpha / r) * B @ A for each adapted Linear layer,
+        W0 being the layer's own weight. A LoRA loaded before is unloaded first (unload_lora): LoRAs replace each
+        other, they do not stack, and scale 0 gives back the original weights exactly.
 
         path: a .safetensors file written by `train.py --lora`, or the pytorch_lora_weights.safetensors of diffusers'
         examples/amused/train_amused.py (read_lora says what it must hold). The merge is done in float32 and cast back
-        to the weights' dtype; it is permanent: reload the pipeline to undo it. Nothing is changed unless the whole
-        file checks out.
+        to the weights' dtype. Nothing is changed unless the whole file checks out. The adapted layers' original
+        weights are kept on the CPU until unload_lora (for amused-256's default q/k/v targets, 0.6 GB in fp32).
         """
         if self.int8:
             raise ValueError("this U-ViT's linear layers are int8: merge the LoRA into a float pipeline (load the "
                              "checkpoint in float32 or bfloat16), or quantise after merging")
         pairs, alpha = read_lora(path, self.transformer)
+        self.unload_lora()
         modules = dict(self.transformer.named_modules())
         for module, (A, B) in pairs.items():
             w = modules[module].weight  # (out, in)
+            self.lora_originals[module] = w.detach().to("cpu", copy=True)  # kept, not subtracted back: bit-exact
+            if scale == 0:
+                continue  # w + 0 would turn a -0.0 into +0.0
             rank = A.shape[0]
             delta = (scale * (rank if alpha is None else alpha) / rank) * (B.float() @ A.float())  # (out, in)
             w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+
+    @torch.no_grad()
+    def unload_lora(self) -> None:
+        """Put back the weights load_lora changed, bit for bit (they were kept, not recomputed); nothing to do when
+        no LoRA is loaded."""
+        modules = dict(self.transformer.named_modules())
+        for module, original in self.lora_originals.items():
+            modules[module].weight.copy_(original)
+        self.lora_originals = {}
 
 
 def read_lora(path, transformer: uvit.UViT) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float | None]:

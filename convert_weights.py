@@ -20,7 +20,9 @@ writes ONE safetensors file: every weight under "<component>.<our key>", and in 
 import argparse
 import dataclasses
 import json
+import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ import clip_text
 import quantize
 import uvit
 import vqgan
+from sampling import Sampler
 
 FORMAT_VERSION = "amused-1"  # the "format" entry of a converted file's metadata
 
@@ -70,6 +73,11 @@ COMPONENTS = {c.name: c for c in (
 # Keys diffusers writes into every config.json for its own bookkeeping: read without a word.
 BOOKKEEPING_KEYS = {"_class_name", "_diffusers_version", "_name_or_path"}
 TOKENIZER_PREFIX = "tokenizer/"  # metadata keys of the tokenizer files in a converted file
+# A converted file may recommend how to sample it: this metadata key holds JSON of pipeline keywords, e.g.
+# {"steps": 12, "guidance_scale": 4.0}. Allowed: the sampling keywords of Amused.__call__ (how to draw, not what).
+SAMPLING_DEFAULTS_KEY = "sampling_defaults"
+SAMPLING_KEYS = ("steps", "guidance_scale", "temperature", "sampler", "guidance_schedule", "guidance_from",
+                 "mask_schedule", "softmax_temperature", "halton_roll")
 
 
 @dataclass
@@ -81,6 +89,8 @@ class Checkpoint:
     transformer: uvit.UViT
     mask_token_id: int          # the id of a masked token in the U-ViT's input (8255 for the official models)
     masking_schedule: str       # "cosine" for the official models
+    # the pipeline keywords the file recommends (check_sampling_defaults); none in a hub folder
+    sampling_defaults: dict = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -326,10 +336,58 @@ def config_from_json(cls, text: str, source):
         raise CheckpointError(f"{source}: bad {cls.__name__} in the metadata ({e})") from e
 
 
-def load_converted(path, dtype: torch.dtype | None = None, int8: bool = False) -> Checkpoint:
-    """A file written by `convert` -> Checkpoint, each model in the file's dtype (None) or in `dtype`; the
-    U-ViT's linears int8 if the file has them so (convert --dtype int8), or, with int8, quantised as read."""
-    path = Path(path)
+def number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_sampling_defaults(defaults, source) -> dict:
+    """Recommended pipeline keywords (SAMPLING_KEYS), checked as the pipeline would check them -> the dict, JSON's
+    lists as tuples; CheckpointError naming `source` and the first bad key or value."""
+    where = f"{source}: sampling_defaults"
+    if not isinstance(defaults, dict):
+        raise CheckpointError(f"{where} must be an object of pipeline keywords like "
+                              f'{{"steps": 12, "guidance_scale": 4.0}}, got {defaults!r:.60}')
+    unknown = sorted(set(defaults) - set(SAMPLING_KEYS))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown key {unknown[0]!r}; the keys are {', '.join(SAMPLING_KEYS)}")
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in defaults.items()}
+    pair = d.get("temperature", 2.0)
+    pair = pair if isinstance(pair, tuple) else (pair,)
+    checks = [("steps", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+              ("guidance_scale", lambda v: number(v) and v >= 0, "a finite number >= 0 (<= 1: no guidance)"),
+              ("temperature", lambda v: len(pair) in (1, 2) and all(map(number, pair)),
+               "a finite number or a pair (first step, last step)")]
+    for key, ok, what in checks:
+        if key in d and not ok(d[key]):
+            raise CheckpointError(f"{where}: {key} must be {what}, got {json.dumps(defaults[key])}")
+    try:  # the sampler's keywords, as the pipeline checks them
+        Sampler(d.get("sampler", "confidence"), d.get("mask_schedule"), d.get("guidance_schedule", "constant"),
+                d.get("guidance_from", 0.5), d.get("softmax_temperature", 1.0), d.get("halton_roll", True))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return d
+
+
+def parse_sampling_defaults(meta: dict[str, str], source) -> dict:
+    """A converted file's sampling_defaults from its metadata ({} when it has none), checked."""
+    if SAMPLING_DEFAULTS_KEY not in meta:
+        return {}
+    try:
+        defaults = json.loads(meta[SAMPLING_DEFAULTS_KEY])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{source}: sampling_defaults is not valid JSON ({e})") from None
+    return check_sampling_defaults(defaults, source)
+
+
+def read_sampling_defaults(src) -> dict:
+    """The sampling_defaults of a checkpoint, read from the metadata alone, before any weight: a converted file's,
+    or {} for a hub folder or repo id (the diffusers layout has no place for them)."""
+    path = Path(src)
+    return parse_sampling_defaults(converted_metadata(path), path) if path.is_file() else {}
+
+
+def converted_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a file written by `convert`; CheckpointError for any other file."""
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
@@ -338,6 +396,38 @@ def load_converted(path, dtype: torch.dtype | None = None, int8: bool = False) -
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not a converted amused file (metadata format {meta.get('format')!r}); "
                               f"convert a hub checkpoint with `python convert_weights.py SRC -o {path.name}`")
+    return meta
+
+
+def write_sampling_defaults(path, defaults: dict) -> None:
+    """Replace the sampling_defaults of a converted file ({} removes them), e.g. after training it through
+    train.py in a subprocess. Only the header changes: the tensors' bytes are copied as they are, to a temporary
+    file renamed into place (cli.atomic_write), so an interruption leaves the old file whole."""
+    path = Path(path)
+    converted_metadata(path)
+    checked = check_sampling_defaults(defaults, path)
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))  # safetensors: u64 length, JSON header
+        meta = header.setdefault("__metadata__", {})
+        meta.pop(SAMPLING_DEFAULTS_KEY, None)
+        if checked:
+            meta[SAMPLING_DEFAULTS_KEY] = json.dumps(checked)
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the tensors' offsets count from the header's end: keep it 8-aligned
+
+        def write(tmp):
+            with open(tmp, "wb") as out:
+                out.write(len(text).to_bytes(8, "little") + text)
+                shutil.copyfileobj(f, out)
+        cli.atomic_write(path, write)
+
+
+def load_converted(path, dtype: torch.dtype | None = None, int8: bool = False) -> Checkpoint:
+    """A file written by `convert` -> Checkpoint, each model in the file's dtype (None) or in `dtype`; the
+    U-ViT's linears int8 if the file has them so (convert --dtype int8), or, with int8, quantised as read."""
+    path = Path(path)
+    meta = converted_metadata(path)
+    sampling_defaults = parse_sampling_defaults(meta, path)  # before the weights: a bad file fails at once
     configs = {comp.name: config_from_json(comp.config_cls, meta.get(f"{comp.name}.config", ""), path)
                for comp in COMPONENTS.values()}
     quantised = int8_keys(COMPONENTS["transformer"], configs["transformer"], "transformer.") if int8 else frozenset()
@@ -353,7 +443,8 @@ def load_converted(path, dtype: torch.dtype | None = None, int8: bool = False) -
     tokenizer = clip_text.CLIPTokenizer(
         {name: meta.get(TOKENIZER_PREFIX + name, "") for name in clip_text.TOKENIZER_FILES}, source=path)
     mask_id, schedule = scheduler_settings(json.loads(meta.get("scheduler.config", "{}")), path)
-    ckpt = Checkpoint(tokenizer, **models, mask_token_id=mask_id, masking_schedule=schedule)
+    ckpt = Checkpoint(tokenizer, **models, mask_token_id=mask_id, masking_schedule=schedule,
+                      sampling_defaults=sampling_defaults)
     check_components(ckpt, path)
     return ckpt
 
@@ -372,13 +463,15 @@ def load_checkpoint(src, variant: str | None = None, dtype: torch.dtype | None =
 
 
 def single_file_metadata(configs: dict, tokenizer_files: dict[str, str], mask_token_id: int,
-                         masking_schedule: str) -> dict[str, str]:
+                         masking_schedule: str, sampling_defaults: dict | None = None) -> dict[str, str]:
     """The metadata of our single-file format: configs (component name -> our config dataclass), the tokenizer
-    files' texts and the scheduler settings."""
+    files' texts, the scheduler settings, and the sampling defaults if any (check_sampling_defaults)."""
     meta = {"format": FORMAT_VERSION}
     meta.update({f"{name}.config": json.dumps(dataclasses.asdict(cfg)) for name, cfg in configs.items()})
     meta.update({TOKENIZER_PREFIX + name: text for name, text in tokenizer_files.items()})
     meta["scheduler.config"] = json.dumps({"mask_token_id": mask_token_id, "masking_schedule": masking_schedule})
+    if sampling_defaults:
+        meta[SAMPLING_DEFAULTS_KEY] = json.dumps(check_sampling_defaults(sampling_defaults, "the pipeline"))
     return meta
 
 

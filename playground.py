@@ -22,7 +22,9 @@ How it works, with the standard library only (http.server: no web framework to i
     at start; nothing on the page can change it.
 
 The API the page uses (JSON in and out; a refused request gets {"error": "..."} and a 4xx status):
-  GET  /api/info                          the model (resolution, token grid) and the limits of the settings
+  GET  /api/info                          the model (resolution, token grid), the limits of the settings, and
+                                          their first values (defaults: the checkpoint's sampling_defaults, else
+                                          the pipeline's; they also fill in what a request leaves out)
   POST /api/uploads                       an image file as the body -> {id, data_url: the image as the model sees it}
   POST /api/generations                   settings -> {id, ahead, events, ...}: queued
   GET  /api/generations/ID                where it stands: queued (and how many ahead), running, done, ...
@@ -82,6 +84,7 @@ FINISHED = ("done", "cancelled", "failed")
 # the settings a page may post to /api/generations
 FIELDS = ("mode", "prompt", "negative_prompt", "steps", "guidance_scale", "seed", "num_images", "strength", "image",
           "mask", "frames", "aspect", "sampler", "guidance_schedule")
+PAGE_DEFAULTS = ("steps", "guidance_scale", "sampler", "guidance_schedule")  # the sampling settings the form sets
 # text to image's choice of shape (width:height); each is drawn at about the model's pixel count (sample.model_size_at)
 ASPECTS = {"1:1": 1.0, "4:3": 4 / 3, "3:4": 3 / 4, "3:2": 3 / 2, "2:3": 2 / 3, "16:9": 16 / 9, "9:16": 9 / 16}
 # A page on another site can make the browser send a POST here, but without asking first (a CORS preflight, which
@@ -144,8 +147,10 @@ class Settings:
                     sampler=self.sampler.name, guidance_schedule=self.sampler.guidance_schedule)
 
 
-def check_settings(body, max_steps: int) -> Settings:
-    """The JSON object a page posts to /api/generations -> Settings; a UsageError with a message for the page."""
+def check_settings(body, max_steps: int, defaults: dict = sample.PIPELINE_DEFAULTS) -> Settings:
+    """The JSON object a page posts to /api/generations -> Settings; a UsageError with a message for the page.
+    defaults: the pipeline keywords (sample.PIPELINE_DEFAULTS' keys) of the settings the page leaves out, and of
+    those it cannot set (mask schedule, ...): the checkpoint's sampling_defaults over the pipeline's."""
     if not isinstance(body, dict):
         raise UsageError("the settings must be a JSON object")
     unknown = sorted(set(body) - set(FIELDS))
@@ -162,14 +167,14 @@ def check_settings(body, max_steps: int) -> Settings:
     negative = negative or None  # "" is the default too: the empty prompt
     if max(len(prompt), len(negative or "")) > MAX_PROMPT_CHARS:
         raise UsageError(f"a prompt is limited to {MAX_PROMPT_CHARS} characters (CLIP reads only its first 77 tokens)")
-    steps = body.get("steps", 12)
+    steps = body.get("steps", defaults["steps"])
     step_counts = [to_int(s, "steps") for s in (steps if isinstance(steps, list) else [steps])]
     if not 1 <= len(step_counts) <= MAX_COMPARE:
         raise UsageError(f"steps must be a number, or a list of 1 to {MAX_COMPARE} numbers to compare")
     if not all(1 <= s <= max_steps for s in step_counts):
         raise UsageError(f"steps must be between 1 and {max_steps} (each step commits at least one of the model's "
                          f"tokens), got {', '.join(map(str, step_counts))}")
-    guidance = to_float(body.get("guidance_scale", 10.0), "guidance_scale")
+    guidance = to_float(body.get("guidance_scale", defaults["guidance_scale"]), "guidance_scale")
     if not 0 <= guidance < math.inf:  # written so that NaN fails too
         raise UsageError(f"guidance must be >= 0 and finite (values <= 1 turn guidance off), got {guidance}")
     seed = to_int(body.get("seed", 0), "seed")
@@ -206,8 +211,9 @@ def check_settings(body, max_steps: int) -> Settings:
         if zero:  # the pipelines run only the last int(steps * strength) steps of the schedule
             raise UsageError(f"strength {strength} x {zero[0]} steps rounds down to 0 steps: raise one of them")
     try:
-        sampler = Sampler(body.get("sampler", "confidence"),
-                          guidance_schedule=body.get("guidance_schedule", "constant"))
+        sampler = Sampler(body.get("sampler", defaults["sampler"]), defaults["mask_schedule"],
+                          body.get("guidance_schedule", defaults["guidance_schedule"]), defaults["guidance_from"],
+                          defaults["softmax_temperature"], defaults["halton_roll"])
     except ValueError as e:
         raise UsageError(str(e)) from None
     return Settings(mode, prompt, negative, step_counts, guidance, seed, num_images, strength, frames, image, mask,
@@ -308,9 +314,11 @@ class StepFrames:
         if self.gen.settings.frames:
             frames = sample.step_frames(pipe, list(tokens.cpu()))  # step_frames paints the grey on the CPU
             urls = [self.playground.add_file(self.gen, frame) for frame in frames]
+        # counted per image: "29 of 64 tokens" means something; 116 of the 256 of four images at once does not
         self.playground.emit(self.gen, "step", dict(run=self.run, step=step + 1, steps=self.n_steps,
-                                                    masked=int((tokens == pipe.mask_id).sum()), tokens=tokens.numel(),
-                                                    urls=urls, seconds=round(time.perf_counter() - self.t0, 3)))
+                                                    masked=(tokens == pipe.mask_id).flatten(1).sum(1).tolist(),
+                                                    tokens=tokens[0].numel(), urls=urls,
+                                                    seconds=round(time.perf_counter() - self.t0, 3)))
 
 
 class Playground:
@@ -324,6 +332,8 @@ class Playground:
         s = pipe.transformer.cfg.sample_size
         self.max_steps = min(MAX_STEPS, s * s)  # more steps than the model's tokens cannot help (sample.py's note)
         self.generator_device = sample.resolve_generator_device("auto", pipe.device.type)
+        # the settings the page does not send: the checkpoint's recommendation, else the pipeline's defaults
+        self.defaults = {**sample.PIPELINE_DEFAULTS, **pipe.sampling_defaults}
         self.changed = threading.Condition()
         self.pending: list[Generation] = []  # waiting, first in line first
         self.running: Generation | None = None
@@ -341,7 +351,8 @@ class Playground:
                     device=str(self.pipe.device),
                     dtype="int8" if self.pipe.int8 else cli.dtype_name(self.pipe.dtype),
                     max_steps=self.max_steps, max_images=MAX_IMAGES, max_compare=MAX_COMPARE,
-                    max_upload_bytes=MAX_UPLOAD_BYTES, max_prompt_chars=MAX_PROMPT_CHARS)
+                    max_upload_bytes=MAX_UPLOAD_BYTES, max_prompt_chars=MAX_PROMPT_CHARS,
+                    defaults={key: self.defaults[key] for key in PAGE_DEFAULTS})  # the form's first values
 
     def fit(self, image: Image.Image, what: str, size: tuple[int, int] | None = None) -> Image.Image:
         """An image at `size` (default: the model's pixel count at its aspect ratio), scaled and centre-cropped as
@@ -369,7 +380,7 @@ class Playground:
 
     def submit(self, body) -> Generation:
         """Check a page's settings, fit its image and mask to the model, and queue the generation."""
-        settings = check_settings(body, self.max_steps)
+        settings = check_settings(body, self.max_steps, self.defaults)
         image = mask = repaint = None
         if settings.image is not None:
             with self.changed:
@@ -388,7 +399,8 @@ class Playground:
                                  f"{grid[1]}x{grid[0]} tokens is repainted where the mask covers at least half of it")
         job = sample.Job(settings.mode, settings.prompt, settings.negative_prompt, settings.guidance_scale,
                          settings.num_images, aesthetic_score=6.0, strength=settings.strength, image=image, mask=mask,
-                         size=settings.size if image is None else None, sampler=settings.sampler)
+                         size=settings.size if image is None else None, sampler=settings.sampler,
+                         temperature=self.defaults["temperature"])
         gen_id = secrets.token_hex(16)
         gen = Generation(gen_id, settings, job, repaint, self.folder / gen_id)
         with self.changed:
@@ -749,6 +761,9 @@ def main(checkpoint: str = "amused/amused-256", host: str = "127.0.0.1", port: i
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         pipe = sample.load(checkpoint, device, torch_dtype, variant, exact)
+        print("page defaults: " + ", ".join(f"{key} {pipe.sampling_defaults.get(key, sample.PIPELINE_DEFAULTS[key])}"
+                                             + (" (checkpoint)" if key in pipe.sampling_defaults else "")
+                                             for key in PAGE_DEFAULTS))
         # Everything the server writes goes here, and is removed at exit (even on Ctrl-C).
         with tempfile.TemporaryDirectory(prefix="amused-playground-", ignore_cleanup_errors=True) as folder:
             server.playground = Playground(pipe, Path(folder), checkpoint)

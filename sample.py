@@ -14,9 +14,18 @@
 downloaded into huggingface_hub's cache on first use. --seed seeds a torch.Generator, on the CPU unless sampling on
 CUDA (--generator auto): on the CPU with --exact (fp32, the reference's kernels), the same seed gives the same image
 as diffusers' pipelines given a CPU generator with that seed. By default sample.py runs the fastest precision the
-device has natively (--dtype auto: bf16 on a CPU with AMX or AVX512-BF16), whose images differ from fp32's in detail. --generator cpu draws on the CPU on every device, as diffusers does with a CPU
-generator (the same random numbers; a GPU's arithmetic still differs), at the cost of a copy and a CPU draw per
-step.
+device has natively (--dtype auto: bf16 on a CPU with AMX or AVX512-BF16), whose images differ from fp32's in
+detail. --generator cpu draws on the CPU on every device, as diffusers does with a CPU generator (the same random
+numbers; a GPU's arithmetic still differs), at the cost of a copy and a CPU draw per step.
+
+--num-images up to --batch-size (8) are one pipeline call from one generator (diffusers' num_images_per_prompt with
+that seed); more run --batch-size at a time, with a line per batch, image i from its own generator seeded --seed + i
+(so the batch size changes no image). One grid file holds at most 1000 images: for more, --prompts FILE --out-dir.
+
+The sampling flags (--steps, --guidance-scale, --sampler and those after it, --temperature) not given take the
+checkpoint's recommendation, which a converted file may carry in its metadata ("sampling_defaults", e.g.
+examples/digits.py's model: 12 steps at guidance 4), else the pipeline's defaults (the reference's); the settings
+line marks the values that came from the checkpoint.
 Each entry of --steps is an independent run from the same seed, so the columns of a grid differ only in the
 number of steps. Each step commits at least one token to the image, so a step count above the number of tokens
 (256 for amused-256, 1024 for amused-512) is no better, only slower. Image to image and inpainting at a
@@ -39,10 +48,11 @@ Bad input is reported as one line `error: ...` on stderr with exit code 2, and i
 model load wherever that is possible. Ctrl-C stops with one line `interrupted` and exit code 130.
 """
 import argparse
+import inspect
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,7 +65,7 @@ import speed
 from amused import Amused, to_pil
 from cli import DTYPES, UsageError
 from sampling import Sampler
-from convert_weights import CheckpointError
+from convert_weights import SAMPLING_KEYS, CheckpointError, read_sampling_defaults
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
                  ".tif": "TIFF", ".tiff": "TIFF", ".gif": "GIF"}  # --out suffix -> PIL format
@@ -64,6 +74,13 @@ GREY = 0.5  # colour of the still-masked token cells in --save-steps frames
 FRAME_MS, LAST_FRAME_MS = 300, 2000  # --save-steps: each step, then the final image held longer
 # what a user can fix: one line `error: ...` and exit code 2 (cli.run)
 USER_ERRORS = (UsageError, CheckpointError, FileNotFoundError, ValueError, TypeError, OSError, FloatingPointError)
+# The pipeline's defaults of the sampling keywords a checkpoint may recommend others for (its sampling_defaults)
+PIPELINE_DEFAULTS = {key: inspect.signature(Amused.__call__).parameters[key].default for key in SAMPLING_KEYS}
+TEXT_FLAGS = ("steps", "temperature", "softmax_temperature")  # the sampling flags given as text: "2,0" for a pair
+SAMPLER_FLAGS = ("sampler", "guidance_schedule", "guidance_from", "mask_schedule", "softmax_temperature",
+                 "halton_roll")  # those the settings line shows as one: the sampler
+DEFAULT_BATCH_SIZE = 8  # images per pipeline call: bounds the memory of a large --num-images
+MAX_GRID_IMAGES = 1000  # images in one grid file; more belong in a folder (--prompts FILE --out-dir DIR)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,6 +119,30 @@ def parse_steps(text) -> list[int]:
     return counts
 
 
+def sampling_flags(flags: dict, checkpoint: str) -> tuple[dict, list[str]]:
+    """The sampling flags (SAMPLING_KEYS: main's values, None where not given) with each one not given set to the
+    checkpoint's recommendation (its sampling_defaults), else the pipeline's default, in the flag's form ("2.0,0.0"
+    for a pair); and the names of those the checkpoint set. Reads the file's metadata only, before the model."""
+    recommended = read_sampling_defaults(checkpoint)
+    resolved, from_checkpoint = dict(flags), []
+    for key in SAMPLING_KEYS:
+        if flags[key] is not None:
+            continue
+        if key in recommended:
+            from_checkpoint.append(key)
+        value = recommended.get(key, PIPELINE_DEFAULTS[key])
+        if key in TEXT_FLAGS:
+            value = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        resolved[key] = value
+    return resolved, from_checkpoint
+
+
+def shown(value, keys: list[str], from_checkpoint: list[str]) -> str:
+    """A setting for the settings line, marked where the checkpoint's sampling_defaults gave it."""
+    ours = [key for key in keys if key in from_checkpoint]
+    return f"{value}" + ("" if not ours else " (checkpoint)" if keys == ours else f" (checkpoint: {', '.join(ours)})")
+
+
 def check_numbers(guidance_scale: float, aesthetic_score: float, seed: int, num_images: int) -> None:
     """The numbers the pipeline would refuse only after the model load, or, for a seed, with torch's words."""
     if not 0 <= guidance_scale < math.inf:  # written so that NaN fails too
@@ -130,6 +171,19 @@ def describe_sampler(how: Sampler, guidance_scale: float, step_counts: list[int]
             f"{','.join(map(str, passes))} U-ViT passes per image")
 
 
+def check_batches(num_images: int, n_step_counts: int, batch_size: int, seed: int) -> None:
+    """The images fit in one grid file, and the batches can be seeded (seed + i for image i past one batch)."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if num_images * n_step_counts > MAX_GRID_IMAGES:
+        raise UsageError(f"--num-images {num_images} x {n_step_counts} step count{'s' * (n_step_counts > 1)} makes "
+                         f"{num_images * n_step_counts} images in one grid file, above {MAX_GRID_IMAGES}: for many "
+                         f"images, one file each, use --prompts FILE --out-dir DIR (sample_many.py)")
+    if num_images > batch_size and seed + num_images > 2**64:
+        raise UsageError(f"--seed {seed} + --num-images {num_images} passes 2**64: in batches, image i is drawn "
+                         f"from seed + i")
+
+
 def check_mode(init_image: str | None, mask: str | None, strength: float | None,
                step_counts: list[int]) -> tuple[str, float | None]:
     """The mode the flags ask for, and --strength resolved: its default depends on the mode."""
@@ -151,7 +205,9 @@ def check_mode(init_image: str | None, mask: str | None, strength: float | None,
 def resolve_dtype(name: str, device: str, exact: bool) -> tuple[torch.dtype | str, str]:
     """--dtype -> (the dtype Amused takes, what the settings line shows). auto and int8 say what they chose and why
     (speed.resolve_dtype: float32 with --exact, float16 on CUDA, bfloat16 on a CPU with native bf16 matmuls, else
-    float32; int8: the U-ViT's linear layers, the rest as auto)."""
+    float32; int8: the U-ViT's linear layers, the rest as auto). fp16 on a CPU gets a note: it runs emulated."""
+    if name == "fp16" and torch.device(device).type == "cpu":
+        print(cli.fp16_cpu_note("--dtype"))
     if name in DTYPES:
         return DTYPES[name], name
     dtype, int8, why = speed.resolve_dtype(name, torch.device(device), exact)
@@ -376,10 +432,11 @@ def sampler_keywords(sampler: Sampler) -> dict:
                 halton_roll=sampler.halton_roll)
 
 
-def generate(pipe: Amused, job: Job, n_steps: int, generator: torch.Generator, callback) -> list[Image.Image]:
+def generate(pipe: Amused, job: Job, n_steps: int, generator, callback, output_type: str = "pil"):
+    """The job's images (or tokens) at n_steps, drawn from `generator` (one, or a list of one per image)."""
     kw = dict(steps=n_steps, guidance_scale=job.guidance_scale, generator=generator,
               num_images_per_prompt=job.num_images, aesthetic_score=job.aesthetic_score, callback=callback,
-              temperature=job.temperature, **sampler_keywords(job.sampler))
+              temperature=job.temperature, output_type=output_type, **sampler_keywords(job.sampler))
     if job.mode == "inpaint":
         return pipe.inpaint(job.prompt, job.image, job.mask, job.strength, job.negative_prompt, **kw)
     if job.mode == "img2img":
@@ -388,19 +445,52 @@ def generate(pipe: Amused, job: Job, n_steps: int, generator: torch.Generator, c
     return pipe(job.prompt, job.negative_prompt, height=height, width=width, **kw)
 
 
-def generate_all(pipe: Amused, job: Job, step_counts: list[int], seed: int, generator: str,
-                 keep_history: bool) -> tuple[list[list[Image.Image]], list[torch.Tensor]]:
+def decode_each(pipe: Amused, tokens: torch.Tensor) -> list[Image.Image]:
+    """Token grids (B, h, w) -> images, each decoded alone, as the pipeline decodes one image: the VQ's float32
+    convolutions choose their kernels by batch size, and decoded in a batch of 8, one pixel value in ~3,000 moved
+    by 1/255 (tiny model, CPU) against the same tokens decoded alone. Alone, an image's pixels do not depend on
+    its batch, for a few percent of the work."""
+    with speed.kernels(pipe.device, pipe.exact):
+        return [to_pil(pipe.vqvae.decode_ids(t[None]))[0] for t in tokens]
+
+
+def generate_in_batches(pipe: Amused, job: Job, n_steps: int, seed: int, generator: str, batch_size: int,
+                        tokens_per_image: int, history: list | None) -> list[Image.Image]:
+    """More images than a batch: image i drawn from a generator of its own seeded seed + i (the rule of
+    sample_many.py for a line's images) and decoded alone, so that no image depends on the batch size. The first
+    batch reports its steps; every batch a line of its own."""
+    images, t0, n_batches = [], time.perf_counter(), -(-job.num_images // batch_size)
+    for b, first in enumerate(range(0, job.num_images, batch_size), start=1):
+        n = min(batch_size, job.num_images - first)
+        generators = [torch.Generator(generator).manual_seed(seed + i) for i in range(first, first + n)]
+        progress = Progress(pipe.mask_id, n_steps, n * tokens_per_image, history) if b == 1 else None
+        tokens = generate(pipe, replace(job, num_images=n), n_steps, generators, progress, output_type="tokens")
+        images += decode_each(pipe, tokens)
+        rate = len(images) / (time.perf_counter() - t0)
+        left = f", about {duration((job.num_images - len(images)) / rate)} left" if b < n_batches else ""
+        print(f"batch {b}/{n_batches}: {len(images)}/{job.num_images} images{left}", flush=True)
+    return images
+
+
+def generate_all(pipe: Amused, job: Job, step_counts: list[int], seed: int, generator: str, keep_history: bool,
+                 batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[list[list[Image.Image]], list[torch.Tensor]]:
     """One run per step count -> columns[j]: the images of run j, and (keep_history) the first image's tokens
-    (h, w) after each step of the first run."""
+    (h, w) after each step of the first run. Up to batch_size images are one pipeline call drawing from one
+    generator, as diffusers' num_images_per_prompt; more are made batch_size at a time (generate_in_batches)."""
     width, height = job_size(pipe, job)
     f = pipe.vqvae.cfg.downsample_factor
-    n_tokens = job.num_images * (height // f) * (width // f)
+    tokens_per_image = (height // f) * (width // f)
     history, columns = [], []
     for j, n_steps in enumerate(step_counts):
-        progress = Progress(pipe.mask_id, n_steps, n_tokens, history if keep_history and j == 0 else None)
+        kept = history if keep_history and j == 0 else None
         t0 = time.perf_counter()
         # A fresh generator per run: each column is what `--steps n_steps` alone would give.
-        columns.append(generate(pipe, job, n_steps, torch.Generator(generator).manual_seed(seed), progress))
+        if job.num_images <= batch_size:
+            progress = Progress(pipe.mask_id, n_steps, job.num_images * tokens_per_image, kept)
+            columns.append(generate(pipe, job, n_steps, torch.Generator(generator).manual_seed(seed), progress))
+        else:
+            columns.append(generate_in_batches(pipe, job, n_steps, seed, generator, batch_size, tokens_per_image,
+                                               kept))
         dt = time.perf_counter() - t0
         print(f"{n_steps} steps: {job.num_images} image{'s' * (job.num_images > 1)} in {dt:.2f} s "
               f"({dt / job.num_images:.2f} s per image)", flush=True)
@@ -452,30 +542,41 @@ def write_gif(pipe: Amused, history: list[torch.Tensor], path: Path, n_steps: in
 
 
 def main(prompt: str | None, checkpoint: str = "amused/amused-256", negative_prompt: str | None = None,
-         steps: str = "12", guidance_scale: float = 10.0, seed: int = 0, num_images: int = 1, out: str = "out.png",
-         device: str = "auto", dtype: str = "auto", compile: bool = False, init_image: str | None = None,
-         strength: float | None = None, mask: str | None = None, save_steps: str | None = None,
-         aesthetic_score: float = 6.0, variant: str | None = None, exact: bool = False,
-         generator: str = "auto", width: int | None = None, height: int | None = None, sampler: str = "confidence",
-         guidance_schedule: str = "constant", guidance_from: float = 0.5, mask_schedule: str | None = None,
-         softmax_temperature: str = "1.0", halton_roll: bool = True, temperature: str = "2,0", prompts: None = None,
-         out_dir: str | None = None, batch_size: int = 1, shard: str | None = None) -> None:
-    """One grid from one prompt. prompts is None here (--prompts FILE runs sample_many.main); out_dir, batch_size
-    and shard are its flags."""
-    if prompt is None or out_dir is not None or batch_size != 1 or shard is not None:
+         steps: str | None = None, guidance_scale: float | None = None, seed: int = 0, num_images: int = 1,
+         out: str = "out.png", device: str = "auto", dtype: str = "auto", compile: bool = False,
+         init_image: str | None = None, strength: float | None = None, mask: str | None = None,
+         save_steps: str | None = None, aesthetic_score: float = 6.0, variant: str | None = None, exact: bool = False,
+         generator: str = "auto", width: int | None = None, height: int | None = None, sampler: str | None = None,
+         guidance_schedule: str | None = None, guidance_from: float | None = None, mask_schedule: str | None = None,
+         softmax_temperature: str | None = None, halton_roll: bool | None = None, temperature: str | None = None,
+         prompts: None = None, out_dir: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+         shard: str | None = None) -> None:
+    """One grid from one prompt. prompts is None here (--prompts FILE runs sample_many.main); out_dir and shard
+    are its flags. The sampling flags left None take the checkpoint's sampling_defaults, else the pipeline's."""
+    if prompt is None or out_dir is not None or shard is not None:
         raise UsageError("give a prompt, or --prompts FILE --out-dir DIR for many images" if prompt is None else
-                         "--out-dir, --batch-size and --shard apply with --prompts FILE (many images)")
+                         "--out-dir and --shard apply with --prompts FILE (many images)")
     t_start = time.perf_counter()
 
     # 1. Everything that can be checked without the model, first: loading takes seconds to minutes.
-    step_counts = parse_steps(steps)
+    flags, from_checkpoint = sampling_flags(dict(
+        steps=steps, guidance_scale=guidance_scale, temperature=temperature, sampler=sampler,
+        guidance_schedule=guidance_schedule, guidance_from=guidance_from, mask_schedule=mask_schedule,
+        softmax_temperature=softmax_temperature, halton_roll=halton_roll), checkpoint)
+    guidance_scale = flags["guidance_scale"]
+    step_counts = parse_steps(flags["steps"])
     check_numbers(guidance_scale, aesthetic_score, seed, num_images)
+    check_batches(num_images, len(step_counts), batch_size, seed)
+    if os.path.isfile(prompt):  # os.path: False, not an error, for a prompt too long to be a file name
+        print(f"note: the prompt {prompt!r} is the name of a file, drawn here as text; for one prompt per line of "
+              f"the file: --prompts {prompt} --out-dir DIR")
     for flag, side in (("--width", width), ("--height", height)):
         if side is not None and side < 1:
             raise UsageError(f"{flag} must be a positive number of pixels, got {side}")
     mode, strength = check_mode(init_image, mask, strength, step_counts)
-    how = parse_sampler(sampler, guidance_schedule, guidance_from, mask_schedule, softmax_temperature, halton_roll)
-    gumbel_temperature = parse_temperature(temperature, "--temperature")
+    how = parse_sampler(flags["sampler"], flags["guidance_schedule"], flags["guidance_from"], flags["mask_schedule"],
+                        flags["softmax_temperature"], flags["halton_roll"])
+    gumbel_temperature = parse_temperature(flags["temperature"], "--temperature")
     out_path = check_writable(out, "--out", IMAGE_FORMATS)
     gif_path = None if save_steps is None else check_writable(save_steps, "--save-steps", {".gif": "GIF"})
     device = cli.resolve_device(device)
@@ -488,10 +589,14 @@ def main(prompt: str | None, checkpoint: str = "amused/amused-256", negative_pro
         print("note: img2img at --strength 1 masks none of the image's tokens at the start (as in diffusers), so "
               "the output stays close to the input; use e.g. 0.99 to redo most of it")
     settings = dict(prompt=repr(prompt), negative_prompt=repr(negative_prompt), checkpoint=checkpoint,
-                    variant=variant, mode=mode, steps=",".join(map(str, step_counts)), guidance_scale=guidance_scale,
-                    sampler=describe_sampler(how, guidance_scale, step_counts, strength),
-                    temperature=gumbel_temperature,
-                    seed=seed, generator=generator, num_images=num_images, aesthetic_score=aesthetic_score,
+                    variant=variant, mode=mode,
+                    steps=shown(",".join(map(str, step_counts)), ["steps"], from_checkpoint),
+                    guidance_scale=shown(guidance_scale, ["guidance_scale"], from_checkpoint),
+                    sampler=shown(describe_sampler(how, guidance_scale, step_counts, strength),
+                                  list(SAMPLER_FLAGS), from_checkpoint),
+                    temperature=shown(gumbel_temperature, ["temperature"], from_checkpoint),
+                    seed=seed, generator=generator, num_images=num_images, batch_size=batch_size,
+                    aesthetic_score=aesthetic_score,
                     width=width, height=height, init_image=init_image, strength=strength, mask=mask, device=device,
                     dtype=dtype_shown, compile=compile, exact=exact,
                     out=out, save_steps=save_steps)
@@ -509,12 +614,12 @@ def main(prompt: str | None, checkpoint: str = "amused/amused-256", negative_pro
               mask=None if mask_image is None else fit_image(mask_image, size, f, "--mask"),
               size=size if image is None else None, sampler=how, temperature=gumbel_temperature)
     if compile:
-        compile_and_warm_up(pipe, job, seed, generator)
+        compile_and_warm_up(pipe, replace(job, num_images=min(num_images, batch_size)), seed, generator)
 
     # 3. One run per step count, each from the same seed.
     note_step_counts(job, step_counts, (size[0] // f) * (size[1] // f))
     t_gen = time.perf_counter()
-    columns, history = generate_all(pipe, job, step_counts, seed, generator, keep_history=gif_path is not None)
+    columns, history = generate_all(pipe, job, step_counts, seed, generator, gif_path is not None, batch_size)
     t_gen = time.perf_counter() - t_gen
 
     # 4. The outputs.
@@ -549,36 +654,54 @@ if __name__ == "__main__":
     p.add_argument("prompt", nargs="?", default=None, help="the text; or --prompts FILE for many images")
     add_model_flags(p)
     p.add_argument("--negative-prompt", default=None, help="what to steer away from; None: the empty prompt")
-    p.add_argument("--steps", default="12", help="sampling steps; a comma list such as 5,10,15 makes a grid")
-    p.add_argument("--guidance-scale", type=float, default=10.0, help="classifier-free guidance; <= 1 turns it off")
+    p.add_argument("--steps", default=None,
+                   help="sampling steps; a comma list such as 5,10,15 makes a grid. Default: the checkpoint's "
+                        "recommendation (its sampling_defaults), else 12. So for every sampling flag below: the "
+                        "settings line marks the values the checkpoint gave")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance; <= 1 turns it off (one U-ViT pass per step, not two). Default: the "
+                        "checkpoint's, else 10")
     p.add_argument("--seed", type=int, default=0, help="in [0, 2**64): seed of the torch.Generator used for sampling")
     p.add_argument("--generator", choices=["auto", "cpu"], default="auto",
                    help="where the random numbers are drawn. auto: on the GPU when sampling on CUDA (fast), else on "
                         "the CPU; cpu: always, the same draws as diffusers with a CPU generator")
     p.add_argument("--num-images", type=int, default=1, help="images per step count (grid rows)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="images per pipeline call (memory grows with it). Up to this many --num-images: one call "
+                        "from one generator, as diffusers' num_images_per_prompt; more: batches, image i from its "
+                        "own generator seeded --seed + i, as sample_many.py seeds a line's images. With --prompts: "
+                        "images per forward pass")
     p.add_argument("--aesthetic-score", type=float, default=6.0, help="micro-conditioning aesthetic score")
     p.add_argument("--out", default="out.png", help="output image; a grid when there are several images")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the whole sampling step (CUDA: with CUDA graphs); compiling takes tens of "
                         "seconds, and on the CPU gains little")
-    p.add_argument("--sampler", choices=sampling.SAMPLERS, default="confidence",
+    p.add_argument("--sampler", choices=sampling.SAMPLERS, default=None,
                    help="confidence: the reference's (MaskGIT: keep the most confident tokens, re-mask the rest); "
-                        "halton: reveal positions in a fixed, evenly spread order (Besnier et al. 2025)")
-    p.add_argument("--guidance-schedule", choices=sampling.GUIDANCE_SCHEDULES, default="constant",
+                        "halton: reveal positions in a fixed, evenly spread order (Besnier et al. 2025); dimo: the "
+                        "start of a one-step student from distill.py (random codes, partly masked, noised). Default: "
+                        "the checkpoint's, else confidence")
+    p.add_argument("--guidance-schedule", choices=sampling.GUIDANCE_SCHEDULES, default=None,
                    help="constant: the reference's; ramp: from none at the first step to --guidance-scale at the last; "
-                        "interval: none before --guidance-from of the steps (one U-ViT pass instead of two)")
-    p.add_argument("--guidance-from", type=float, default=0.5,
-                   help="with --guidance-schedule interval: the fraction of the steps run without guidance")
+                        "interval: none before --guidance-from of the steps (one U-ViT pass instead of two). Default: "
+                        "the checkpoint's, else constant")
+    p.add_argument("--guidance-from", type=float, default=None,
+                   help="with --guidance-schedule interval: the fraction of the steps run without guidance. Default: "
+                        "the checkpoint's, else 0.5")
     p.add_argument("--mask-schedule", choices=sampling.SCHEDULES, default=None,
-                   help="how many tokens stay masked after each step; default: the checkpoint's (cosine) for the "
-                        "confidence sampler, linear for its inpainting, arccos for halton")
-    p.add_argument("--softmax-temperature", default="1.0",
-                   help="temperature of the token draws: a number, or first,last (a linear ramp over the steps)")
-    p.add_argument("--temperature", default="2,0",
+                   help="how many tokens stay masked after each step; default: the checkpoint's sampling_defaults', "
+                        "else its scheduler's (cosine) for the confidence sampler, linear for its inpainting, arccos "
+                        "for halton")
+    p.add_argument("--softmax-temperature", default=None,
+                   help="temperature of the token draws: a number, or first,last (a linear ramp over the steps). "
+                        "Default: the checkpoint's, else 1.0")
+    p.add_argument("--temperature", default=None,
                    help="the confidence sampler's Gumbel temperature (how random the choice of tokens to keep is): "
-                        "first,last step (the reference's 2,0), or a number falling to 0.01")
-    p.add_argument("--halton-roll", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --sampler halton: roll each image's order by an offset drawn from the seed")
+                        "first,last step (the reference's 2,0), or a number falling to 0.01. Default: the "
+                        "checkpoint's, else 2,0")
+    p.add_argument("--halton-roll", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --sampler halton: roll each image's order by an offset drawn from the seed. Default: "
+                        "the checkpoint's, else on")
     p.add_argument("--width", type=int, default=None,
                    help="image width in pixels, a multiple of 16 (32 for amused-512). Default: the model's size; with "
                         "--init-image, the model's pixel count at the image's aspect ratio")
@@ -597,7 +720,6 @@ if __name__ == "__main__":
                            "the defaults")
     many.add_argument("--out-dir", default=None, help="with --prompts: the folder of images (LLLLLLLL-III.png), "
                                                       "run.json, manifest.jsonl and captions.txt")
-    many.add_argument("--batch-size", type=int, default=1, help="with --prompts: images per forward pass")
     many.add_argument("--shard", default=None, metavar="I/N",
                       help="with --prompts: make share I of N (from 0/N); torchrun's and SLURM's variables say it "
                            "without this flag")

@@ -52,8 +52,7 @@ from PIL import Image, PngImagePlugin
 
 import cli
 import sample
-import speed
-from amused import Amused, to_pil
+from amused import Amused
 from cli import UsageError
 from sampling import Sampler
 
@@ -422,17 +421,13 @@ def make_images(pipe: Amused, batch: list[Item], generator_device: str, sampler:
                 temperature: float | tuple[float, float]) -> list[Image.Image]:
     """One pipeline call makes the tokens: mixed prompts, a generator per image (so that each image's tokens are
     what they would be alone), guidance batched with the prompts, the sampler's keywords as sample.py passes them.
-    Then the VQ decodes each image on its own, as
-    the pipeline would (same kernels): its float32 convolutions choose their kernels by batch size, and decoded
-    in a batch of 8, one pixel value in ~3,000 moved by 1/255 (tiny model, CPU) against the same tokens decoded
-    alone. One at a time gives the same bits at every batch size, for a few percent of the work."""
+    Then the VQ decodes each image on its own (sample.decode_each), so that its pixels do not depend on the batch."""
     generators = [torch.Generator(generator_device).manual_seed(item.seed) for item in batch]
     tokens = pipe([item.prompt for item in batch], [item.negative_prompt or "" for item in batch],
                   generator=generators, output_type="tokens", temperature=temperature,
                   **sample.sampler_keywords(sampler),
                   **asdict(batch[0].keywords))  # Keywords' fields are the pipeline's keyword names
-    with speed.kernels(pipe.device, pipe.exact):
-        return [to_pil(pipe.vqvae.decode_ids(t[None]))[0] for t in tokens]
+    return sample.decode_each(pipe, tokens)
 
 
 def warn_long_prompts(tokenizer, items: list[Item]) -> None:
@@ -531,28 +526,34 @@ def report_folder(folder: Path, items: list[Item], prefix: str) -> None:
           f"(the last process to finish writes it, or run the command again)")
 
 
-def main(prompts: str, out_dir: str | None, prompt: str | None = None, batch_size: int = 1,
+def main(prompts: str, out_dir: str | None, prompt: str | None = None, batch_size: int = sample.DEFAULT_BATCH_SIZE,
          shard: str | None = None, checkpoint: str = "amused/amused-256", negative_prompt: str | None = None,
-         steps: str = "12", guidance_scale: float = 10.0, seed: int = 0, num_images: int = 1,
+         steps: str | None = None, guidance_scale: float | None = None, seed: int = 0, num_images: int = 1,
          aesthetic_score: float = 6.0, generator: str = "auto", device: str = "auto", dtype: str = "auto",
          compile: bool = False, variant: str | None = None, exact: bool = False, width: int | None = None,
-         height: int | None = None, sampler: str = "confidence", guidance_schedule: str = "constant",
-         guidance_from: float = 0.5, mask_schedule: str | None = None, softmax_temperature: str = "1.0",
-         halton_roll: bool = True, temperature: str = "2,0", out: str = "out.png", init_image: str | None = None,
-         strength: float | None = None, mask: str | None = None, save_steps: str | None = None) -> None:
+         height: int | None = None, sampler: str | None = None, guidance_schedule: str | None = None,
+         guidance_from: float | None = None, mask_schedule: str | None = None, softmax_temperature: str | None = None,
+         halton_roll: bool | None = None, temperature: str | None = None, out: str = "out.png",
+         init_image: str | None = None, strength: float | None = None, mask: str | None = None,
+         save_steps: str | None = None) -> None:
     """`sample.py --prompts FILE --out-dir DIR`: takes every flag of sample.py (the same names and defaults as
-    sample.main's, tests/test_sample_many.py checks it); --out does not apply (--out-dir)."""
+    sample.main's, tests/test_sample_many.py checks it); --out does not apply (--out-dir). The sampling flags left
+    None take the checkpoint's sampling_defaults, else the pipeline's (sample.sampling_flags)."""
     t_start = time.perf_counter()
 
     # 1. Everything that needs no model, first; nothing is written until the model has loaded.
-    defaults = check_flags(prompt, out_dir, batch_size, negative_prompt, steps, seed, num_images,
-                           {"guidance_scale": guidance_scale, "aesthetic_score": aesthetic_score, "width": width,
+    f, from_checkpoint = sample.sampling_flags(dict(
+        steps=steps, guidance_scale=guidance_scale, temperature=temperature, sampler=sampler,
+        guidance_schedule=guidance_schedule, guidance_from=guidance_from, mask_schedule=mask_schedule,
+        softmax_temperature=softmax_temperature, halton_roll=halton_roll), checkpoint)
+    defaults = check_flags(prompt, out_dir, batch_size, negative_prompt, f["steps"], seed, num_images,
+                           {"guidance_scale": f["guidance_scale"], "aesthetic_score": aesthetic_score, "width": width,
                             "height": height},  # Keywords' flags but --steps
                            {"--init-image": init_image, "--strength": strength, "--mask": mask,
                             "--save-steps": save_steps},
-                           sample.parse_sampler(sampler, guidance_schedule, guidance_from, mask_schedule,
-                                                softmax_temperature, halton_roll),
-                           sample.parse_temperature(temperature, "--temperature"))
+                           sample.parse_sampler(f["sampler"], f["guidance_schedule"], f["guidance_from"],
+                                                f["mask_schedule"], f["softmax_temperature"], f["halton_roll"]),
+                           sample.parse_temperature(f["temperature"], "--temperature"))
     process = this_process(shard, os.environ)
     device = process_device(device, process, torch.cuda.device_count())
     generator_device = device if sample.resolve_generator_device(generator, device.split(":")[0]) == "cuda" else "cpu"
@@ -573,9 +574,12 @@ def main(prompts: str, out_dir: str | None, prompt: str | None = None, batch_siz
                      checkpoint=checkpoint, variant=variant, batch_size=batch_size, device=device, dtype=dtype_shown,
                      exact=exact, generator=generator_device, compile=compile, seed=seed, num_images=num_images,
                      negative_prompt=repr(negative_prompt), **asdict(defaults.keywords),
-                     sampler=sample.describe_sampler(defaults.sampler, defaults.keywords.guidance_scale,
-                                                     [defaults.keywords.steps], None) + " (at --steps)",
-                     temperature=defaults.temperature)
+                     sampler=sample.shown(sample.describe_sampler(defaults.sampler, defaults.keywords.guidance_scale,
+                                                                  [defaults.keywords.steps], None) + " (at --steps)",
+                                          list(sample.SAMPLER_FLAGS), from_checkpoint),
+                     temperature=sample.shown(defaults.temperature, ["temperature"], from_checkpoint))
+        for key in ("steps", "guidance_scale"):
+            shown[key] = sample.shown(shown[key], [key], from_checkpoint)
         print("settings:\n" + "\n".join(f"  {key:<16}{value}" for key, value in shown.items()))
     for name in sorted(set(unreadable) & {item.file for item in todo}):
         print(f"{prefix}note: {folder / name} is not a readable PNG (cut short?): made again")

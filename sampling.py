@@ -17,7 +17,9 @@ model: examples/digits_samplers.py):
   - guidance schedules (guidance_scales): a ramp that starts unguided (Rojas et al., ICLR 2026), or guidance only
     in the later steps (eMIGM, You et al., ICML 2025); an unguided step runs the U-ViT on the prompts alone, one pass
     instead of two;
-  - the arccos masking schedule (MaskGIT's best) and a softmax temperature ramp for the categorical draws.
+  - the arccos masking schedule (MaskGIT's best) and a softmax temperature ramp for the categorical draws;
+  - sampler="dimo": the start of a one-step generator distilled by distill.py (Zhu et al., ICCV 2025): random codes
+    partly masked, their embeddings perturbed, every position drawn at the first step (dimo_start).
 
 Each step draws its random numbers first (draw_step_noise), with the explicit generator; what follows
 (sampling_step) is deterministic and sync-free, so that torch.compile captures it whole (speed.compile_step).
@@ -178,16 +180,48 @@ def halton_reveal_counts(steps: int, n_masked: torch.Tensor, schedule: str = "ar
 
 
 # ----------------------------------------------------------------------------------------------------
+# A one-step generator's start (Zhu et al., "Di[M]O: Distilling Masked Diffusion Models into One-step Generator",
+# ICCV 2025; yuanzhi-zhu/DiMO)
+
+
+# The student's start, fixed: a student learns to map this distribution to images, so it must be sampled from the
+# one it was trained on. DiMO's Meissonic recipe (configs/DIMO_Meissonic.yaml: fixed_ratio 0.5, noise_emb_perturb
+# fix_0.3); Meissonic is aMUSEd's text-to-image descendant (its MaskGIT recipe has 0.6 and 0.1).
+DIMO_START_MASKED, DIMO_EMBEDDING_NOISE = 0.5, 0.3
+
+
+def dimo_start(B: int, h: int, w: int, transformer: uvit.UViT, mask_id: int, generator, device: torch.device,
+               start_masked: float = DIMO_START_MASKED, embedding_noise: float = DIMO_EMBEDDING_NOISE):
+    """The input a Di[M]O student maps to an image in one pass -> (tokens (B, h, w), the embedding noise for
+    UViT.forward, or None at 0). Every token a uniformly random code; round(L * start_masked) of them (at least
+    one), at uniformly random places, masked; the embedded tokens perturbed by standard normal noise. The random
+    codes and the noise are where the image's randomness comes from: a one-step draw from an all-masked grid
+    samples every token independently and cannot make a coherent image.
+
+    Draws, in order, on the generator's device (per image with a list of generators): uniforms (B, L) -> the codes,
+    uniforms (B, L) whose argsort places the masks, normals (B, C, h, w). Follows generate_one_step of the reference's
+    train_DIMO_*.py (randint codes, a fixed count of masks placed by argsort(rand)), drawn from our generator."""
+    L, K = h * w, transformer.cfg.codebook_size
+    codes = (uniform((B, L), generator, device) * K).long().clamp(max=K - 1)
+    n_masked = max(1, round(L * start_masked))
+    masked = uniform((B, L), generator, device).argsort(dim=-1) < n_masked
+    tokens = torch.where(masked, mask_id, codes).view(B, h, w)
+    noise = uniform((B, transformer.cfg.block_out_channels, h, w), generator, device, torch.randn)
+    noise = noise.to(transformer.embed.conv.weight.dtype)  # the embeddings' dtype: bf16 stays bf16
+    return tokens, (embedding_noise, noise) if embedding_noise > 0 else None
+
+
+# ----------------------------------------------------------------------------------------------------
 # What a sampler is asked to do
 
 
-SAMPLERS = ("confidence", "halton")
+SAMPLERS = ("confidence", "halton", "dimo")
 
 
 @dataclass(frozen=True)
 class Sampler:
     """How to draw: the pipelines' sampler keywords, checked. The defaults are the reference's."""
-    name: str = "confidence"  # "confidence" (MaskGIT's, the reference) or "halton"
+    name: str = "confidence"  # "confidence" (MaskGIT's, the reference), "halton" or "dimo"
     mask_schedule: str | None = None  # None: the mode's own (the checkpoint's for confidence, linear to inpaint;
     #                                   arccos for halton)
     guidance_schedule: str = "constant"  # GUIDANCE_SCHEDULES
@@ -258,13 +292,13 @@ def draw_step_noise(B: int, L: int, K: int, dtype: torch.dtype, device: torch.de
     return StepNoise(q.to(device), None if u is None else u.to(device))
 
 
-def uniform(shape: tuple[int, ...], generator: Generators, device: torch.device) -> torch.Tensor:
-    """torch.rand(shape) drawn on the generator's device, then moved to `device`; with a list of generators, row i
-    from generator i, as a batch of one would draw it."""
+def uniform(shape: tuple[int, ...], generator: Generators, device: torch.device, draw=torch.rand) -> torch.Tensor:
+    """torch.rand(shape) (or `draw`, e.g. torch.randn) on the generator's device, then moved to `device`; with a
+    list of generators, row i from generator i, as a batch of one would draw it."""
     if isinstance(generator, list):
-        return torch.cat([uniform((1, *shape[1:]), g, device) for g in generator])
+        return torch.cat([uniform((1, *shape[1:]), g, device, draw) for g in generator])
     where = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=where).to(device)
+    return draw(shape, generator=generator, device=where).to(device)
 
 
 def gumbel(u: torch.Tensor) -> torch.Tensor:
@@ -338,19 +372,29 @@ def halton_step(logits, tokens, noise: StepNoise, ranks: torch.Tensor, n_reveale
     return torch.where(reveal, pred, tokens).view(B, h, w)
 
 
+def dimo_first_step(logits, tokens, noise: StepNoise, n_masked: torch.Tensor, temperature: torch.Tensor, *,
+                    mask_id: int) -> torch.Tensor:
+    """The first step from dimo_start's tokens: their codes are noise, not commitments, so every position is drawn
+    (then, with more steps to come, the least confident re-masked), as unmask_step does for an all-masked grid."""
+    return unmask_step(logits, torch.full_like(tokens, mask_id), noise, n_masked, temperature, mask_id=mask_id)
+
+
 def sampling_step(transformer: uvit.UViT, conds: uvit.Conditions, tokens: torch.Tensor, noise: StepNoise,
                   plan: tuple[torch.Tensor, ...], guidance: float | torch.Tensor | None,
-                  softmax_temperature: torch.Tensor | None, *, mask_id: int,
-                  choose=unmask_step) -> tuple[torch.Tensor, torch.Tensor]:
+                  softmax_temperature: torch.Tensor | None, *, mask_id: int, choose=unmask_step,
+                  embedding_noise: tuple[float, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One step on tokens (B, h, w) -> (new tokens (B, h, w), whether every logit was finite (0-d bool)).
     No random draws and no host syncs: speed.compile_step captures it whole (fullgraph).
 
     guidance: the scale, or None for an unguided step (conds then hold the prompts alone); a Python float keeps the
     reference's arithmetic, a 0-d tensor lets one compiled graph serve a schedule of scales. softmax_temperature:
     0-d, or None for the reference's 1. choose: the sampler's token choice (unmask_step, halton_step), given
-    plan: its per-step inputs."""
+    plan: its per-step inputs. embedding_noise: (scale, (B, C, h, w)) at a dimo start's step, else None."""
     # 1. Logits over the codebook at every position; with guidance, one batch [negative; positive].
-    logits = transformer(tokens if guidance is None else torch.cat([tokens, tokens]), conds)  # (2B or B, K, h, w)
+    inputs = tokens if guidance is None else torch.cat([tokens, tokens])
+    if guidance is not None and embedding_noise is not None:
+        embedding_noise = (embedding_noise[0], torch.cat([embedding_noise[1]] * 2))
+    logits = transformer(inputs, conds, embedding_noise)  # (2B or B, K, h, w)
     # 2. Classifier-free guidance: away from the negative prompt's prediction, towards the prompt's.
     if guidance is not None:
         uncond, cond = logits.chunk(2)
@@ -373,9 +417,10 @@ def step_plans(sampler: Sampler, tokens: torch.Tensor, mask_id: int, steps: int,
                generator: Generators) -> list[tuple[torch.Tensor, ...]]:
     """Each step's inputs to the sampler's choice, on the tokens' device before the loop (nothing inside it reads
     back to the host): plans[step] for step in start..steps-1 (None before start).
-    confidence: (how many stay masked, the Gumbel temperature). halton: (the ranks, how many are revealed)."""
+    confidence and dimo: (how many stay masked, the Gumbel temperature). halton: (the ranks, how many are
+    revealed)."""
     device = tokens.device
-    if sampler.name == "confidence":
+    if sampler.name in ("confidence", "dimo"):
         counts = sampling_mask_counts(steps, tokens[0].numel(), schedule, starting_mask_ratio).to(device)
         temperatures = temperatures.to(device)
         return [None] * start + [(counts[k], temperatures[k]) for k in range(start, steps)]
@@ -396,7 +441,8 @@ def generate(transformer: uvit.UViT, conds: uvit.Conditions, tokens: torch.Tenso
              sampler: Sampler = Sampler(), callback=None, step_fn=sampling_step) -> torch.Tensor:
     """Steps start..steps-1 of a `steps`-step schedule on tokens (B, h, w), mask_id where masked -> the final
     tokens (B, h, w), none masked. Text to image starts at 0 from an all-masked grid; image to image and
-    inpainting start later, from an image's tokens with some masked.
+    inpainting start later, from an image's tokens with some masked. The dimo sampler replaces an all-masked start
+    by dimo_start's; from an image's tokens it is the confidence sampler.
 
     conds: the U-ViT's conditions for [negative prompts; prompts] (2B) when any step is guided, else for the
     prompts (B). temperatures: (steps,), the Gumbel temperature of each step (confidence sampler). schedule: the
@@ -420,14 +466,18 @@ def generate(transformer: uvit.UViT, conds: uvit.Conditions, tokens: torch.Tenso
         guidances = [None if g is None else on_device[k] for k, g in enumerate(guidances)]
     softmax_temperatures = sampler.softmax_temperatures(steps)
     softmax_temperatures = [None] * steps if softmax_temperatures is None else softmax_temperatures.to(tokens.device)
-    choose = halton_step if halton else unmask_step
+    choose = [halton_step if halton else unmask_step] * steps
+    embedding_noise = None
+    if sampler.name == "dimo" and start == 0:
+        tokens, embedding_noise = dimo_start(B, h, w, transformer, mask_id, generator, tokens.device)
+        choose[0] = dimo_first_step
     finite = torch.ones((), dtype=torch.bool, device=tokens.device)  # read once, after the loop
     for step in range(start, steps):
         noise = draw_step_noise(B, h * w, K, dtype, tokens.device, generator,
                                 uniforms=not halton and step < steps - 1)
         tokens, step_finite = step_fn(transformer, prompts_only if guidances[step] is None else conds, tokens, noise,
                                       plans[step], guidances[step], softmax_temperatures[step], mask_id=mask_id,
-                                      choose=choose)
+                                      choose=choose[step], embedding_noise=embedding_noise if step == 0 else None)
         finite &= step_finite
         if callback is not None:
             callback(step, tokens)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from cli import DTYPES
+
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -74,9 +76,19 @@ def auto_dtype(device: torch.device, exact: bool) -> tuple[torch.dtype, str]:
     return torch.float32, "the CPU has neither AMX nor AVX512-BF16: bf16 would be emulated, slower than float32"
 
 
+# The float dtypes the pipeline runs in, by the names it takes: the command lines' (--dtype) and torch's own.
+DTYPE_NAMES = {**DTYPES, **{str(d).removeprefix("torch."): d for d in DTYPES.values()}}
+
+
 def resolve_dtype(dtype: torch.dtype | str, device: torch.device, exact: bool) -> tuple[torch.dtype, bool, str]:
-    """The pipeline's dtype argument (a torch dtype, "auto" or "int8") -> (the float dtype of the models, whether the
-    U-ViT's linear layers are int8 (quantize.py), and why, for the settings line)."""
+    """The pipeline's dtype argument -> (the float dtype of the models, whether the U-ViT's linear layers are int8
+    (quantize.py), and why, for the settings line). dtype: torch.float32, float16 or bfloat16, one of their names
+    (DTYPE_NAMES: "bf16" or "bfloat16", ...), "auto" or "int8"; ValueError naming those for anything else."""
+    if isinstance(dtype, str) and dtype in DTYPE_NAMES:
+        return DTYPE_NAMES[dtype], False, "asked for"
+    if not (dtype in ("auto", "int8") or dtype in DTYPE_NAMES.values()):
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, auto, int8, or torch.float32/float16/"
+                         f"bfloat16, got {dtype!r}")
     if dtype == "int8":
         float_dtype, why = auto_dtype(device, exact)
         return float_dtype, True, f"the U-ViT's linear layers in int8, the rest in {str(float_dtype)[6:]} ({why})"

@@ -67,7 +67,7 @@ Output, in --out:
     pytorch_lora_weights.safetensors   LoRA: the adapters only, in diffusers' key format
                                        (pipe.load_lora("runs/lora/pytorch_lora_weights.safetensors"))
     validation-000250.png              --validation-prompts sampled every --validate-every steps, as a grid
-    log.jsonl                          the progress lines as JSON
+    log.jsonl                          the progress lines as JSON (all but the time left, ETA, which is printed)
 Ctrl-C (or SIGTERM) finishes the current step, saves and exits with code 130; a second Ctrl-C stops at once without
 saving. torchrun forwards Ctrl-C to its workers and kills them --shutdown-timeout seconds later (30 by default):
 raise it when saving takes longer. Bad input is reported as one line `error: ...` on stderr with exit code 2, before
@@ -98,6 +98,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 import cli
+import sample
 import uvit
 from amused import Amused
 from cli import UsageError, atomic_write
@@ -464,11 +465,40 @@ class ResumeSettings:
     shard_window: int | None = None
 
 
+def state_tensors(state: TrainingState) -> dict:
+    """A TrainingState as what torch.save writes; restore_state reads it back."""
+    return {"params": {n: p.detach() for n, p in state.params.items()}, "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict(), "ema": state.ema}
+
+
+def restore_state(state: TrainingState, saved: dict) -> None:
+    """Put state_tensors' dict back into `state`: weights, EMA, optimizer and loss scaler."""
+    with torch.no_grad():
+        for n, p in state.params.items():
+            p.copy_(saved["params"][n])
+        for e, s in zip(state.ema or [], saved["ema"] or []):
+            e.copy_(s)
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scaler.load_state_dict(saved["scaler"])
+
+
+def changed_settings(before: dict, now: dict) -> list[str]:
+    """What differs between the resume settings a run saved and this run's (dataclasses.asdict of each), one
+    "key was X, now Y" per difference; for a nested dict (a U-ViT config), its fields that differ."""
+    changed = []
+    for key, value in now.items():
+        if isinstance(value, dict) and isinstance(before.get(key), dict):
+            changed += [f"{key}.{f} was {before[key].get(f)!r}, now {v!r}" for f, v in value.items()
+                        if before[key].get(f) != v]
+        elif before.get(key) != value:
+            changed.append(f"{key} was {before.get(key)!r}, now {value!r}")
+    return changed
+
+
 def save_state(path: Path, step: int, state: TrainingState, settings: ResumeSettings, device: torch.device) -> None:
     """checkpoint.pt: everything --resume needs to continue exactly where the run stopped."""
     saved = {"version": STATE_VERSION, "step": step, "resume_settings": dataclasses.asdict(settings),
-             "params": {n: p.detach() for n, p in state.params.items()},
-             "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(), "ema": state.ema,
+             **state_tensors(state),
              "rng": {"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
     atomic_write(path, lambda tmp: torch.save(saved, tmp))
@@ -481,22 +511,10 @@ def load_state(path: Path, state: TrainingState, settings: ResumeSettings, devic
     if saved.get("version") != STATE_VERSION:
         raise UsageError(f"{path} was written by another version of train.py (state version {saved.get('version')}, "
                          f"this one reads {STATE_VERSION}): start the run anew in another --out")
-    before, changed = saved["resume_settings"], []
-    for key, now in dataclasses.asdict(settings).items():
-        if isinstance(now, dict) and isinstance(before.get(key), dict):  # a U-ViT config: the fields that differ
-            changed += [f"{key}.{f} was {before[key].get(f)!r}, now {v!r}" for f, v in now.items()
-                        if before[key].get(f) != v]
-        elif before.get(key) != now:
-            changed.append(f"{key} was {before.get(key)!r}, now {now!r}")
+    changed = changed_settings(saved["resume_settings"], dataclasses.asdict(settings))
     if changed:
         raise UsageError(f"{path} was saved by a different run: " + ", ".join(changed))
-    with torch.no_grad():
-        for n, p in state.params.items():
-            p.copy_(saved["params"][n])
-        for e, s in zip(state.ema or [], saved["ema"] or []):
-            e.copy_(s)
-    state.optimizer.load_state_dict(saved["optimizer"])
-    state.scaler.load_state_dict(saved["scaler"])
+    restore_state(state, saved)
     torch.set_rng_state(saved["rng"]["torch"].cpu())
     if device.type == "cuda" and saved["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu(), device)
@@ -504,11 +522,13 @@ def load_state(path: Path, state: TrainingState, settings: ResumeSettings, devic
 
 
 def save_model(path: Path, pipe: Amused) -> None:
-    """The whole pipeline as one file in convert_weights.py's format, which Amused.from_pretrained loads."""
+    """The whole pipeline as one file in convert_weights.py's format, which Amused.from_pretrained loads, with the
+    pipeline's sampling_defaults: a fine-tune keeps its base checkpoint's recommendation."""
     tensors = {f"{name}.{k}": t.detach().to("cpu").contiguous()
                for name in COMPONENTS for k, t in getattr(pipe, name).state_dict().items()}
     configs = {name: getattr(pipe, name).cfg for name in COMPONENTS}
-    save_single_file(path, tensors, single_file_metadata(configs, pipe.tokenizer.files, pipe.mask_id, pipe.schedule))
+    save_single_file(path, tensors, single_file_metadata(configs, pipe.tokenizer.files, pipe.mask_id, pipe.schedule,
+                                                         pipe.sampling_defaults))
 
 
 def save(out_dir: Path, step: int, state: TrainingState, settings: ResumeSettings, pipe: Amused, rank: int) -> None:
@@ -589,16 +609,21 @@ def end_distributed(world: int) -> None:
         dist.destroy_process_group()
 
 
+def time_left(seconds: float, done: float, left: float) -> str:
+    """How long `left` more units of work will take, if they go at the pace of the `done` ones that took `seconds`."""
+    return sample.duration(seconds / done * left) if done > 0 else "?"
+
+
 def log_progress(path: Path, rank: int, step: int, max_steps: int, losses: list[float], lr: float, images: int,
-                 seconds: float, data_seconds: float, unreadable: int, device: torch.device) -> None:
+                 seconds: float, data_seconds: float, unreadable: int, device: torch.device, eta: str) -> None:
     """The progress line: the mean loss of the steps since the last one, the learning rate, speed, the time a step
-    waited for its data, the examples replaced because unreadable (if any), and peak memory; rank 0 prints it and
-    appends it to log.jsonl."""
+    waited for its data, the time left (eta, printed only), the examples replaced because unreadable (if any), and
+    peak memory; rank 0 prints it and appends it to log.jsonl."""
     entry = {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "images_per_s": images / seconds,
              "data_ms_per_step": 1000 * data_seconds / len(losses), "unreadable": unreadable}
     bad = f"{unreadable} unreadable examples replaced so far, " if unreadable else ""
     log(f"step {step}/{max_steps} loss {entry['loss']:.4f} lr {lr:.1e} {entry['images_per_s']:.1f} img/s "
-        f"data {entry['data_ms_per_step']:.1f} ms/step {bad}{peak_memory(device)}", rank)
+        f"data {entry['data_ms_per_step']:.1f} ms/step ETA {eta} {bad}{peak_memory(device)}", rank)
     if rank == 0:
         with open(path, "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -655,6 +680,20 @@ def all_reduce_step(loss_sum: torch.Tensor, stop_requests: int, data: Data, worl
 # Training
 
 
+def resume_checks(state_path: Path, resume: bool) -> list[tuple[bool, str]]:
+    """--resume needs the run's state in --out; without it, --out must not hold one (it would be overwritten)."""
+    return [(not resume or state_path.is_file(), f"--resume: there is no {state_path} to continue from"),
+            (resume or not state_path.exists(), (f"{state_path} exists: pass --resume to continue that run, or "
+                                                 f"choose another --out"))]
+
+
+def raise_first_failed(checks: list[tuple[bool, str]]) -> None:
+    """UsageError with the message of the first (ok, message) check that is not ok."""
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
 def check_settings(*, lora: bool, lora_rank: int, init_transformer: str | None, lr: float, weight_decay: float,
                    optimizer: str, max_grad_norm: float | None, batch_size: int, grad_accum: int, max_steps: int,
                    warmup_steps: int, lr_schedule: str, label_smoothing: float, prompt_dropout: float,
@@ -680,13 +719,8 @@ def check_settings(*, lora: bool, lora_rank: int, init_transformer: str | None, 
         (mixed_precision in MIXED_PRECISION, f"--mixed-precision must be one of {list(MIXED_PRECISION)}"),
         (lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {list(LR_SCHEDULES)}, got {lr_schedule!r}"),
         (optimizer in ("adamw", "adamw8bit"), f"--optimizer must be adamw or adamw8bit, got {optimizer!r}"),
-        (not resume or state_path.is_file(), f"--resume: there is no {state_path} to continue from"),
-        (resume or not state_path.exists(), (f"{state_path} exists: pass --resume to continue that run, or choose "
-                                             f"another --out")),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
+    raise_first_failed(checks + resume_checks(state_path, resume))
     if optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise UsageError("--optimizer adamw8bit needs bitsandbytes, which is not installed: pip install bitsandbytes "
                          "(CUDA only), or use --optimizer adamw")
@@ -715,6 +749,8 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
     new_config = transformer_config(init_transformer) if init_transformer else None
     targets = tuple(t for t in lora_targets.split(",") if t)
     rank, world, dev = torchrun_process(device)
+    if mixed_precision == "fp16" and dev.type == "cpu":
+        log(cli.fp16_cpu_note("--mixed-precision", "no"), rank)
     with contextlib.nullcontext() if rank == 0 else warnings.catch_warnings(action="ignore"):
         source = find_source(data, prompt)  # rank 0 alone warns of what it skips
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -759,6 +795,7 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
         empty = pipe.encode_prompt([""])  # the dropped prompt's conditioning, (1, 77, D) and (1, P)
         seq_len = pipe.transformer.cfg.sample_size ** 2  # tokens per image
         t_log, data_log, losses = time.perf_counter(), 0.0, []  # data_log: data_seconds at the last progress line
+        t_run, step_run = t_log, step  # the ETA: the pace of this process's steps so far (a resumed run's too)
         with cli.stop_requests("stopping after this step (Ctrl-C again to quit without saving)" if rank == 0
                                else None) as stop:
             while step < max_steps:
@@ -774,7 +811,8 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
                 losses.append(totals.loss_sum / n_masked)
                 if step % log_every == 0 or step == max_steps:
                     log_progress(out_dir / LOG_FILE, rank, step, max_steps, losses, lr_now, len(losses) * G,
-                                 time.perf_counter() - t_log, totals.data_seconds - data_log, totals.unreadable, dev)
+                                 time.perf_counter() - t_log, totals.data_seconds - data_log, totals.unreadable, dev,
+                                 time_left(time.perf_counter() - t_run, step - step_run, max_steps - step))
                     t_log, data_log, losses = time.perf_counter(), totals.data_seconds, []
                 if totals.stopping:
                     break

@@ -537,16 +537,21 @@ class UViT(nn.Module):
             up_block=self.up_block.conditions(text, cond),
         )
 
-    def forward(self, ids, conds: Conditions):
+    def forward(self, ids, conds: Conditions, embedding_noise: tuple[float, torch.Tensor] | None = None):
         """Logits over the codebook for a token grid. ids: (B, h, w) long, each in [0, vocab_size) (not checked
-        here: see check_ids); conds: encode_conditions() of a batch of B. Any h x w runs, even with downsampling
-        (then h and w must be even): there is no positional embedding, the convolutions carry position. The model
-        was trained at sample_size x sample_size; the shape check is free, and static under torch.compile (a new
-        grid is a new compiled graph).
+        here: see check_ids); conds: encode_conditions() of a batch of B. embedding_noise: (s, noise (B, C, h, w)
+        standard normal) replaces the embedded tokens x by s * noise + sqrt(1 - s^2) * x: the input perturbation of
+        a Di[M]O one-step generator (sampling.dimo_start); None for every other use. Any h x w runs, even with
+        downsampling (then h and w must be even): there is no positional embedding, the convolutions carry
+        position. The model was trained at sample_size x sample_size; the shape check is free, and static under
+        torch.compile (a new grid is a new compiled graph).
         Returns (B, codebook_size, h, w). UVit2DModel(ids, text_hidden, pooled, micro_conds) is
         forward(ids, encode_conditions(text_hidden, pooled, micro_conds))."""
         self._check_id_shapes(ids, conds.batch_size)
         x = self.embed(ids)  # (B, C, h, w)
+        if embedding_noise is not None:
+            s, noise = embedding_noise
+            x = s * noise + math.sqrt(1 - s * s) * x
         x = self.down_block(x, conds.down_block)  # (B, C, H, W); H = h/2 with downsampling
         B, C, H, W = x.shape
         x = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, N, C), row-major tokens

@@ -1,15 +1,16 @@
 r"""examples/digits.py: a whole aMUSEd trained from scratch on a CPU in minutes, and a judge of what it draws.
 
-    python examples/digits.py --out runs/digits                        # data -> VQ -> U-ViT -> judged results
+    python examples/digits.py --out runs/digits                  # data -> VQ -> U-ViT -> judged results, pictures
+    python examples/digits.py --out runs/digits --resume         # after Ctrl-C: the stages done are skipped
     python sample.py "a handwritten digit 7" --checkpoint runs/digits/model.safetensors --out seven.png
-    python examples/digits.py --out runs/digits --figures docs/how-it-works  # also redraw docs/how-it-works.md's
-    python examples/digits.py --out runs/digits-tokens --tokens        # train.py on prepare_data.py's token shards
+    python examples/digits_figures.py --run runs/digits --out runs/digits/figures  # docs/how-it-works.md's pictures
+    python examples/digits.py --out runs/digits-tokens --tokens  # train.py on prepare_data.py's token shards
 
 What nanoGPT's shakespeare_char is for language models: a model small enough to train on a laptop's CPU that
 visibly works, so that the training objective, the sampler and classifier-free guidance can be seen to learn and
 draw something real without a 3.5 GB download and a GPU. The data are scikit-learn's bundled handwritten digits
 (1,797 grayscale 8x8 images, 10 classes, no download), upscaled 2x to 16x16; the caption of a digit k is exactly
-"a handwritten digit k". Stages, each with its progress and timing:
+"a handwritten digit k". Stages, each with its timing, the long ones with their progress and time left (ETA):
 
   1. data: a fixed, seeded, stratified split (75% train, 25% held out); the train split written as PNGs with
      captions (train.py's data folder layout, metadata.jsonl).
@@ -30,11 +31,19 @@ draw something real without a 3.5 GB download and a GPU. The data are scikit-lea
      same tokens in the same order, without a VQ encode per step. The result, DIR/model.safetensors, is a
      complete checkpoint in convert_weights.py's single-file format: Amused.from_pretrained and sample.py load it.
   6. judged results (DIR/results.json, DIR/results.md): at the pipeline's defaults (12 steps, guidance 10) and at
-     guidance 4, over --per-class images per class: the judge's accuracy for the prompted class, overall and per
-     class; diversity (mean pairwise distance of a class's samples over that of the held-out real digits of the
-     class: one drawing per class, whatever the seed, scores 0); the Frechet distance to the held-out digits in
-     pixel space, with real-vs-real as its floor; and accuracy against steps (1, 2, 4, 8, 12) and guidance
-     (1, 2, 4, 10).
+     guidance 4, over the recipe's images per class (full: 50; quick: 4): the judge's accuracy for the prompted
+     class, overall and per class; diversity (mean pairwise distance of a class's samples over that of the held-out
+     real digits of the class: one drawing per class, whatever the seed, scores 0); the Frechet distance to the
+     held-out digits in pixel space, with real-vs-real as its floor; and accuracy against steps (1, 2, 4, 8, 12)
+     and guidance (1, 2, 4, 10).
+  7. pictures, enlarged 8x (nearest neighbour): DIR/samples.png, ten samples of each digit (a row per digit, at
+     the pipeline's defaults), and DIR/unmasking.gif, one of each digit unmasked step by step. More pictures, with
+     the page docs/how-it-works.md around them, from the finished run and without training again:
+     examples/digits_figures.py.
+
+Interrupted (Ctrl-C stops train.py after its step, which saves), the same command with --resume goes on: the stages
+that finished (DIR/run.json records them) are skipped, the U-ViT continues from train.py's checkpoint (as train.py
+--resume does, to the same weights), and a finished run does no work at all.
 
 scikit-learn is a dependency of this example and of the tests, never of the product (requirements-dev.txt).
 """
@@ -58,12 +67,16 @@ sys.path.insert(0, str(ROOT))  # the project's flat modules
 
 import cli  # noqa: E402
 import clip_text  # noqa: E402
-import prepare_data
+import digits_figures  # noqa: E402 (examples/: the pictures)
+import prepare_data  # noqa: E402
+import sample  # noqa: E402
+import sampling  # noqa: E402
+import speed  # noqa: E402
 import train  # noqa: E402
 import uvit  # noqa: E402
 import vqgan  # noqa: E402
 from amused import Amused  # noqa: E402
-from convert_weights import COMPONENTS, save_single_file, single_file_metadata  # noqa: E402
+from convert_weights import COMPONENTS, save_single_file, single_file_metadata, write_sampling_defaults  # noqa: E402
 
 CAPTIONS = [f"a handwritten digit {k}" for k in range(10)]
 RESOLUTION = 16  # pixels per side: the 8x8 digits upscaled 2x (nearest), so the VQ's 2x downsampling keeps 8x8 tokens
@@ -108,16 +121,57 @@ RECIPES = {
                     uvit_warmup=10, prompt_dropout=0.15, per_class=4, table_per_class=2),
 }
 MAX_GRAD_NORM = 1.0  # the U-ViT's gradient clipping
+RUN_FILE = "run.json"  # the run's settings, and the seconds of every stage finished: what --resume reads
 
 
 def log(message: str) -> None:
     print(message, flush=True)
 
 
-def finished(times: dict, stage: str, t0: float) -> None:
-    """Record and print how long `stage`, begun at perf_counter() t0, took."""
-    times[stage] = time.perf_counter() - t0
-    log(f"{stage}: {times[stage]:.1f} s")
+def save_run(out_dir: Path, run: dict) -> None:
+    cli.atomic_write(out_dir / RUN_FILE, lambda tmp: Path(tmp).write_text(json.dumps(run, indent=2)))
+
+
+def start_run(out_dir: Path, settings: dict, resume: bool) -> dict:
+    """The run's record (RUN_FILE): a new one, or with resume the one in out_dir, which must have these settings."""
+    path = out_dir / RUN_FILE
+    if not resume:
+        if path.exists() or (out_dir / "train").exists():
+            raise cli.UsageError(f"{out_dir} holds a run already: add --resume to finish it, choose another --out, "
+                                 f"or remove {out_dir}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run = {"settings": settings, "seconds": {}, "interrupted": {}}
+        save_run(out_dir, run)
+        return run
+    if not path.is_file():
+        raise cli.UsageError(f"--resume: {out_dir} holds no run to finish (no {RUN_FILE}); leave out --resume to "
+                             "start one")
+    run = json.loads(path.read_text())
+    changed = [f"--{key} was {was}, now {settings[key]}" for key, was in run["settings"].items()
+               if settings[key] != was]
+    if changed:
+        raise cli.UsageError(f"--resume: {out_dir} was run with other settings ({'; '.join(changed)}): pass the "
+                             "ones of its first run")
+    return run
+
+
+def done(out_dir: Path, run: dict, stage: str, *outputs: str) -> bool:
+    """Whether `stage` finished in an earlier session (then it is skipped); its outputs must still be there."""
+    if stage not in run["seconds"]:
+        return False
+    for name in outputs:
+        if not (out_dir / name).exists():
+            raise cli.UsageError(f"{out_dir / name} is missing, though {out_dir / RUN_FILE} records the {stage} stage "
+                                 "done: start again in another --out")
+    log("  done already, skipped")
+    return True
+
+
+def finished(out_dir: Path, run: dict, stage: str, seconds: float) -> None:
+    """Record that `stage` finished in `seconds` (plus those of its interrupted sessions), and print it."""
+    run["seconds"][stage] = seconds + run["interrupted"].pop(stage, 0.0)
+    save_run(out_dir, run)
+    log(f"{stage}: {run['seconds'][stage]:.1f} s")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,15 +203,15 @@ def to_pixels8(images: torch.Tensor) -> np.ndarray:
     return (F.adaptive_avg_pool2d(gray, 8).flatten(1) * 16).numpy()
 
 
-def write_data_folder(folder: Path, images: torch.Tensor, labels: np.ndarray) -> None:
-    """The images as PNGs with their captions in metadata.jsonl: train.py's --data layout."""
+def write_data_folder(folder: Path, images: torch.Tensor, labels: np.ndarray, captions: list[str] = CAPTIONS) -> None:
+    """The images as PNGs with their captions (captions[label]) in metadata.jsonl: train.py's --data layout."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, (image, label) in enumerate(zip(images, labels)):
         name = f"{i:04d}.png"
         pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         Image.fromarray(pixels).save(folder / name)
-        rows.append(json.dumps({"file_name": name, "text": CAPTIONS[label]}))
+        rows.append(json.dumps({"file_name": name, "text": captions[label]}))
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
 
@@ -207,10 +261,11 @@ def train_vq(images: torch.Tensor, recipe: Recipe, seed: int, beta: float = 0.25
     vq = vqgan.VQModel(VQ)
     optimizer = torch.optim.Adam(vq.parameters(), lr=recipe.vq_lr)
     generator = torch.Generator().manual_seed(seed)
-    warmup, usage = recipe.vq_steps // 6, torch.zeros(VQ.num_vq_embeddings)
+    warmup, usage, t0 = recipe.vq_steps // 6, torch.zeros(VQ.num_vq_embeddings), time.perf_counter()
     for step in range(recipe.vq_steps):
         for group in optimizer.param_groups:  # cosine decay to a tenth, after a 50-step warm-up
-            group["lr"] = recipe.vq_lr * min(1, (step + 1) / 50) * (0.55 + 0.45 * math.cos(math.pi * step / recipe.vq_steps))
+            group["lr"] = (recipe.vq_lr * min(1, (step + 1) / 50)
+                           * (0.55 + 0.45 * math.cos(math.pi * step / recipe.vq_steps)))
         x = images[torch.randint(len(images), (recipe.vq_batch,), generator=generator)]
         z = vq.quant_conv(vq.encoder(x))  # (B, C, h, w)
         if step < warmup:
@@ -230,7 +285,8 @@ def train_vq(images: torch.Tensor, recipe: Recipe, seed: int, beta: float = 0.25
         loss.backward()
         optimizer.step()
         if step % 100 == 0 or step == recipe.vq_steps - 1:
-            log(f"  VQ step {step + 1}/{recipe.vq_steps}: loss {loss.item():.5f}")
+            eta = train.time_left(time.perf_counter() - t0, step + 1, recipe.vq_steps - step - 1)
+            log(f"  VQ step {step + 1}/{recipe.vq_steps}: loss {loss.item():.5f}, ETA {eta}")
     return vq.eval().requires_grad_(False)
 
 
@@ -304,9 +360,11 @@ def mean_pairwise_distance(x: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def generate(pipe: Amused, per_class: int, steps: int, guidance: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """per_class images of each digit -> their 8x8 pixels (10 * per_class, 64) and the prompted labels."""
-    images = pipe(CAPTIONS, steps=steps, guidance_scale=guidance, num_images_per_prompt=per_class,
+def generate(pipe: Amused, per_class: int, steps: int, guidance: float, seed: int,
+             captions: list[str] = CAPTIONS) -> tuple[np.ndarray, np.ndarray]:
+    """per_class images of each digit (captions[k] for digit k) -> their 8x8 pixels (10 * per_class, 64) and the
+    prompted labels."""
+    images = pipe(captions, steps=steps, guidance_scale=guidance, num_images_per_prompt=per_class,
                   generator=torch.Generator().manual_seed(seed), output_type="pt")  # [p0..p9, p0..p9, ...]
     return to_pixels8(images), np.tile(np.arange(10), per_class)
 
@@ -321,6 +379,11 @@ def judge_samples(judge, pixels: np.ndarray, labels: np.ndarray, x_test: np.ndar
                 diversity_min=float(np.min(diversity)), frechet=frechet_distance(pixels, x_test))
 
 
+def passes(per_class: int, steps: int, guidance: float) -> int:
+    """U-ViT passes of a generate() call: the evaluation's unit of work, for its ETA."""
+    return 10 * per_class * sampling.passes_per_image([guidance] * steps)
+
+
 def evaluate(pipe: Amused, judge, x_train, y_train, x_test, y_test, recipe: Recipe, seed: int) -> dict:
     """Every figure of results.md: the ceilings, the two 12-step settings, the steps x guidance table."""
     reconstructions = to_pixels8(pipe.vqvae.decode_ids(pipe.vqvae.encode_to_ids(to_images(x_test))))
@@ -328,19 +391,27 @@ def evaluate(pipe: Amused, judge, x_train, y_train, x_test, y_test, recipe: Reci
                    frechet_real_vs_real=frechet_distance(x_train, x_test),
                    judge_on_vq_reconstructions=float((judge.predict(reconstructions) == y_test).mean()),
                    frechet_vq_reconstructions=frechet_distance(reconstructions, x_test))
+    work = ([passes(recipe.per_class, 12, g) for g in (10.0, 4.0)]
+            + [passes(recipe.table_per_class, s, g) for s in STEP_COUNTS for g in GUIDANCES])
+    t_start, work_done = time.perf_counter(), 0
     for guidance in (10.0, 4.0):
         t0 = time.perf_counter()
         pixels, labels = generate(pipe, recipe.per_class, 12, guidance, seed)
-        results[f"12 steps, guidance {guidance:g}"] = judge_samples(judge, pixels, labels, x_test, y_test)
-        log(f"  12 steps, guidance {guidance:g}: accuracy {results[f'12 steps, guidance {guidance:g}']['accuracy']:.3f} "
-            f"({10 * recipe.per_class} images, {time.perf_counter() - t0:.1f} s)")
+        work_done += passes(recipe.per_class, 12, guidance)
+        key = f"12 steps, guidance {guidance:g}"
+        results[key] = judge_samples(judge, pixels, labels, x_test, y_test)
+        log(f"  {key}: accuracy {results[key]['accuracy']:.3f} ({10 * recipe.per_class} images, "
+            f"{time.perf_counter() - t0:.1f} s), ETA "
+            f"{train.time_left(time.perf_counter() - t_start, work_done, sum(work) - work_done)}")
     table = {}
     for steps in STEP_COUNTS:
         for guidance in GUIDANCES:
             pixels, labels = generate(pipe, recipe.table_per_class, steps, guidance, seed + 1)
+            work_done += passes(recipe.table_per_class, steps, guidance)
             table[f"{steps},{guidance:g}"] = float((judge.predict(pixels) == labels).mean())
         log(f"  {steps:2d} steps: accuracy " + ", ".join(f"{table[f'{steps},{g:g}']:.3f}" for g in GUIDANCES)
-            + f" at guidance {', '.join(f'{g:g}' for g in GUIDANCES)}")
+            + f" at guidance {', '.join(f'{g:g}' for g in GUIDANCES)}, ETA "
+            + train.time_left(time.perf_counter() - t_start, work_done, sum(work) - work_done))
     results["accuracy by steps, guidance"] = table
     return results
 
@@ -349,8 +420,8 @@ def results_markdown(r: dict, recipe: Recipe) -> str:
     lines = ["| | accuracy | diversity (min class) | Frechet distance |", "|---|---|---|---|",
              f"| real held-out digits (ceiling, floor) | {r['judge_on_real_held_out']:.3f} | 1 | "
              f"{r['frechet_real_vs_real']:.1f} (real train vs held-out) |",
-             f"| the held-out digits through the VQ (what the tokenizer allows) | {r['judge_on_vq_reconstructions']:.3f} "
-             f"| | {r['frechet_vq_reconstructions']:.1f} |"]
+             "| the held-out digits through the VQ (what the tokenizer allows) | "
+             f"{r['judge_on_vq_reconstructions']:.3f} | | {r['frechet_vq_reconstructions']:.1f} |"]
     for key in ("12 steps, guidance 10", "12 steps, guidance 4"):
         s = r[key]
         lines.append(f"| generated, {key}, {recipe.per_class} per class | {s['accuracy']:.3f} | {s['diversity']:.2f} "
@@ -370,91 +441,122 @@ def results_markdown(r: dict, recipe: Recipe) -> str:
 
 
 def main(out: str, recipe: str = "full", seed: int = 0, figures: str | None = None, threads: int | None = None,
-         tokens: bool = False) -> dict:
-    t_start, out_dir, r = time.perf_counter(), Path(out), RECIPES[recipe]
+         tokens: bool = False, resume: bool = False) -> dict:
+    out_dir, r = Path(out), RECIPES[recipe]
     if threads:
         torch.set_num_threads(threads)
-    if (out_dir / "train").exists():
-        raise cli.UsageError(f"{out_dir} holds a run already: choose another --out, or remove {out_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    times = {}  # stage -> seconds
+    run = start_run(out_dir, dict(recipe=recipe, seed=seed, tokens=tokens), resume)
+    if any(stage not in run["seconds"] for stage in ("data", "text", "judge the drawings")):  # they need the digits
+        x_train, y_train, x_test, y_test = load_digits(seed)
+        train_images, test_images = to_images(x_train), to_images(x_test)
 
-    log(f"1/6 data: scikit-learn's digits, split with seed {seed}")
-    t0 = time.perf_counter()
-    x_train, y_train, x_test, y_test = load_digits(seed)
-    train_images, test_images = to_images(x_train), to_images(x_test)
-    write_data_folder(out_dir / "data", train_images, y_train)
-    log(f"  {len(x_train)} training digits written to {out_dir / 'data'}, {len(x_test)} held out")
-    finished(times, "data", t0)
-
-    log("2/6 judge: an SVC on the real training digits")
-    t0 = time.perf_counter()
-    judge = fit_judge(x_train, y_train)
-    log(f"  accuracy on the held-out real digits: {(judge.predict(x_test) == y_test).mean():.3f} (the ceiling)")
-    finished(times, "judge", t0)
-
-    log(f"3/6 tokenizer: a VQ-VAE with {VQ.num_vq_embeddings} codes, {recipe} recipe ({r.vq_steps} steps)")
-    t0 = time.perf_counter()
-    vq = train_vq(train_images, r, seed)
-    vq_figures = {split: vq_report(vq, images) for split, images in (("train", train_images), ("held out", test_images))}
-    for split, f in vq_figures.items():
-        log(f"  {split}: reconstruction MSE {f['mse']:.5f}, perplexity {f['perplexity']:.1f} of "
-            f"{VQ.num_vq_embeddings} codes, {f['unused']} never used")
-    finished(times, "tokenizer", t0)
-
-    log("4/6 text: a BPE vocabulary of the ten captions, a CLIP text encoder with seeded random weights")
-    t0 = time.perf_counter()
-    tokenizer_files, text_encoder = text_side(seed)
-    write_start_checkpoint(out_dir / "start.safetensors", vq, text_encoder, tokenizer_files, seed)
-    (out_dir / "uvit.json").write_text(json.dumps(dataclasses.asdict(UVIT), indent=2))
-    finished(times, "text", t0)
-
-    train_data = out_dir / "data"
-    if tokens:
-        log("5/6 tokens: prepare_data.py encodes the training digits once")
+    log(f"1/7 data: scikit-learn's digits, split with seed {seed}")
+    if not done(out_dir, run, "data", "data/metadata.jsonl"):
         t0 = time.perf_counter()
-        prepare_data.main(checkpoint=str(out_dir / "start.safetensors"), data=str(train_data),
-                          out=str(out_dir / "tokens"), device="cpu")
-        train_data = out_dir / "tokens"
-        finished(times, "tokens", t0)
-    log(f"5/6 U-ViT: train.py --init-transformer {out_dir / 'uvit.json'} ({r.uvit_steps} steps of {r.uvit_batch}) "
+        write_data_folder(out_dir / "data", train_images, y_train)
+        log(f"  {len(x_train)} training digits written to {out_dir / 'data'}, {len(x_test)} held out")
+        finished(out_dir, run, "data", time.perf_counter() - t0)
+
+    log("2/7 judge: an SVC on the real training digits")
+    if "judge the drawings" in run["seconds"]:  # the judge is not saved: it is fitted again (in < 1 s) when needed
+        log("  not needed: the drawings are judged already")
+    else:
+        t0 = time.perf_counter()
+        judge = fit_judge(x_train, y_train)
+        log(f"  accuracy on the held-out real digits: {(judge.predict(x_test) == y_test).mean():.3f} (the ceiling)")
+        finished(out_dir, run, "judge", time.perf_counter() - t0)
+
+    # 3 and 4 are skipped together: the trained VQ is kept only in the start checkpoint that 4 writes
+    log(f"3/7 tokenizer: a VQ-VAE with {VQ.num_vq_embeddings} codes, {recipe} recipe ({r.vq_steps} steps)")
+    if not done(out_dir, run, "text", "start.safetensors", "uvit.json"):
+        t0 = time.perf_counter()
+        vq = train_vq(train_images, r, seed)
+        run["vq"] = {split: vq_report(vq, images) for split, images in (("train", train_images),
+                                                                         ("held out", test_images))}
+        for split, f in run["vq"].items():
+            log(f"  {split}: reconstruction MSE {f['mse']:.5f}, perplexity {f['perplexity']:.1f} of "
+                f"{VQ.num_vq_embeddings} codes, {f['unused']} never used")
+        finished(out_dir, run, "tokenizer", time.perf_counter() - t0)
+
+        log("4/7 text: a BPE vocabulary of the ten captions, a CLIP text encoder with seeded random weights")
+        t0 = time.perf_counter()
+        tokenizer_files, text_encoder = text_side(seed)
+        (out_dir / "uvit.json").write_text(json.dumps(dataclasses.asdict(UVIT), indent=2))
+        write_start_checkpoint(out_dir / "start.safetensors", vq, text_encoder, tokenizer_files, seed)
+        finished(out_dir, run, "text", time.perf_counter() - t0)
+
+    train_data = out_dir / ("tokens" if tokens else "data")
+    if tokens:
+        log("5/7 tokens: prepare_data.py encodes the training digits once")
+        if not done(out_dir, run, "tokens", "tokens"):
+            t0 = time.perf_counter()
+            prepare_data.main(checkpoint=str(out_dir / "start.safetensors"), data=str(out_dir / "data"),
+                              out=str(train_data), device="cpu")
+            finished(out_dir, run, "tokens", time.perf_counter() - t0)
+    log(f"5/7 U-ViT: train.py --init-transformer {out_dir / 'uvit.json'} ({r.uvit_steps} steps of {r.uvit_batch}) "
         f"on {train_data}")
-    t0 = time.perf_counter()
-    train.main(checkpoint=str(out_dir / "start.safetensors"), data=str(train_data), out=str(out_dir / "train"),
-               init_transformer=str(out_dir / "uvit.json"), lr=r.uvit_lr, warmup_steps=r.uvit_warmup,
-               lr_schedule="cosine", max_grad_norm=MAX_GRAD_NORM, batch_size=r.uvit_batch, max_steps=r.uvit_steps,
-               prompt_dropout=r.prompt_dropout, save_every=0, validate_every=0, log_every=max(1, r.uvit_steps // 10),
-               seed=seed, device="cpu")
-    shutil.copyfile(out_dir / "train" / "model.safetensors", out_dir / "model.safetensors")
-    finished(times, "U-ViT", t0)
+    if not done(out_dir, run, "U-ViT", "model.safetensors"):
+        t0, state = time.perf_counter(), out_dir / "train" / train.STATE_FILE
+        if state.is_file():
+            log(f"  continuing from {state}")
+        else:  # nothing saved yet: start afresh (a process killed before its first save leaves its log behind)
+            shutil.rmtree(out_dir / "train", ignore_errors=True)
+        steps = train.main(checkpoint=str(out_dir / "start.safetensors"), data=str(train_data),
+                           out=str(out_dir / "train"), init_transformer=str(out_dir / "uvit.json"), lr=r.uvit_lr,
+                           warmup_steps=r.uvit_warmup, lr_schedule="cosine", max_grad_norm=MAX_GRAD_NORM,
+                           batch_size=r.uvit_batch, max_steps=r.uvit_steps, prompt_dropout=r.prompt_dropout,
+                           save_every=max(1, r.uvit_steps // 5), validate_every=0,
+                           log_every=max(1, r.uvit_steps // 10), seed=seed, device="cpu", resume=state.is_file())
+        if steps < r.uvit_steps:  # Ctrl-C: train.py saved where it stopped, and said to add --resume
+            run["interrupted"]["U-ViT"] = run["interrupted"].get("U-ViT", 0.0) + time.perf_counter() - t0
+            save_run(out_dir, run)
+            raise KeyboardInterrupt
+        shutil.copyfile(out_dir / "train" / "model.safetensors", out_dir / "model.safetensors")
+        # what sample.py and playground.py then use unless told otherwise: this model draws best at guidance 4
+        write_sampling_defaults(out_dir / "model.safetensors", {"steps": 12, "guidance_scale": 4.0})
+        finished(out_dir, run, "U-ViT", time.perf_counter() - t0)
 
-    log(f"6/6 judge the drawings of {out_dir / 'model.safetensors'}")
-    t0 = time.perf_counter()
-    pipe = Amused.from_pretrained(out_dir / "model.safetensors")
-    results = evaluate(pipe, judge, x_train, y_train, x_test, y_test, r, seed)
-    results["vq"] = vq_figures
-    finished(times, "judge the drawings", t0)
-    results["seconds"] = {**times, "total": time.perf_counter() - t_start}
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "results.md").write_text(results_markdown(results, r))
-    log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}; total {results['seconds']['total']:.0f} s")
+    log(f"6/7 judge the drawings of {out_dir / 'model.safetensors'}")
+    if done(out_dir, run, "judge the drawings", "results.json", "results.md"):
+        results = json.loads((out_dir / "results.json").read_text())
+    else:
+        t0 = time.perf_counter()
+        pipe = Amused.from_pretrained(out_dir / "model.safetensors")
+        results = evaluate(pipe, judge, x_train, y_train, x_test, y_test, r, seed)
+        seconds = {**run["seconds"], "judge the drawings": time.perf_counter() - t0}
+        results.update(vq=run["vq"], seconds={**seconds, "total": sum(seconds.values())},
+                       machine=f"{speed.cpu_description()}, {torch.get_num_threads()} threads")
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+        (out_dir / "results.md").write_text(results_markdown(results, r))
+        log(f"  wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+        finished(out_dir, run, "judge the drawings", seconds["judge the drawings"])
+
+    pictures = [out_dir / "samples.png", out_dir / "unmasking.gif"]
+    log(f"7/7 pictures, {digits_figures.SCALE}x: {pictures[0]} (a row per digit), {pictures[1]} (step by step)")
+    if not done(out_dir, run, "pictures", *(p.name for p in pictures)):
+        t0 = time.perf_counter()
+        pipe = Amused.from_pretrained(out_dir / "model.safetensors")
+        digits_figures.samples_grid(pipe, pictures[0], seed, scale=digits_figures.SCALE)
+        digits_figures.unmasking_gif(pipe, pictures[1], seed, scale=digits_figures.SCALE)
+        finished(out_dir, run, "pictures", time.perf_counter() - t0)
+    log(f"total {sample.duration(results['seconds']['total'])} (the stages to the judged results, in all sessions)")
     if figures:
-        import digits_figures  # noqa: E402 (examples/digits_figures.py: the pictures of docs/how-it-works.md)
-
-        digits_figures.draw(pipe, out_dir, Path(figures), train_images, results)
+        digits_figures.draw(out_dir, Path(figures), seed)
     return results
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--out", required=True, help="output folder: data/, start.safetensors, train/, model.safetensors, "
-                                                "results.json, results.md")
+                                                "results.json, results.md, samples.png, unmasking.gif, run.json")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="full",
                    help="full: the README's figures; quick: a minute or two, the test suite's")
     p.add_argument("--seed", type=int, default=0, help="the data split, every initialisation and every draw")
     p.add_argument("--figures", default=None, metavar="FOLDER",
-                   help="also draw the pictures of docs/how-it-works.md into FOLDER")
+                   help="also draw digits_figures.py's pictures into FOLDER, and their page as FOLDER.md")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--tokens", action=argparse.BooleanOptionalAction, default=False,
                    help="train the U-ViT on token shards that prepare_data.py makes of the training digits")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                   help="finish the interrupted run in --out: skip its finished stages, continue its U-ViT training")
     cli.run(main, p.parse_args(), errors=(cli.UsageError, ValueError, OSError))

@@ -1,26 +1,40 @@
-"""examples/digits_figures.py: the pictures and tables of docs/how-it-works.md, drawn from a digits run.
+"""examples/digits_figures.py: the pictures and tables of docs/how-it-works.md, drawn from a finished digits run.
 
-    python examples/digits.py --out runs/digits --figures docs/how-it-works
+    python examples/digits.py --out runs/digits                                     # train once (~9 min)
+    python examples/digits_figures.py --run runs/digits --out runs/digits/figures  # no training: figures.md
+    python examples/digits_figures.py --run runs/digits --out docs/how-it-works    # redraw the project's page
 
-(digits.py calls draw() at its end.) Every picture comes from the model that run trained: the unmasking of
-generated digits step by step (the frames `sample.py --save-steps` writes), samples of every class, what a
-training example looks like after masking, and the mask-count schedule; the page itself is rewritten with the run's
-figures. The images are tiny (16x16 pixels) and are scaled up, nearest-neighbour, so the tokens stay visible.
+Nothing is trained here: every picture comes from the model the run in --run trained (its model.safetensors, its
+judged figures results.json and results.md, its first training digit data/0000.png): the unmasking of generated
+digits step by step (the frames `sample.py --save-steps` writes), samples of every class, what a training example
+looks like after masking, the same prompts at other sizes, the confidence and Halton orders
+(digits_samplers.draw_figure), and the mask-count schedule. The pictures go into the folder --out, and the page
+beside it, named after it: FOLDER.md (docs/how-it-works.md for docs/how-it-works). The images are tiny (16x16
+pixels) and are scaled up, nearest-neighbour, so the tokens stay visible. Every digits.py run draws two of these
+pictures into its own folder too, at 8x: samples.png and unmasking.gif.
 """
+import argparse
+import json
 import math
+import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-import sample
-import speed
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the project's flat modules, from any working directory
+
+import cli  # noqa: E402
+import sample  # noqa: E402
 from amused import Amused, to_pil  # noqa: E402
+from cli import atomic_write, image_grid  # noqa: E402
 from sampling import mask_ratio, sampling_mask_counts, training_mask_count  # noqa: E402
-from cli import atomic_write, image_grid
 
-SCALE = 8  # on-page pixels per image pixel
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "how-it-works.md"
+SCALE = 8  # pixels per image pixel in a run's own pictures; the page's are half that
+PICTURES = ("unmasking.gif", "samples.png", "masked-example.png", "sizes.png", "samplers.png")  # what draw() writes
 
 
 def upscaled(images, scale: int = SCALE, border: int = 3):
@@ -33,29 +47,37 @@ def save_png(image, path: Path) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG", optimize=True))
 
 
+def label_tile(text: str, size: tuple[int, int]) -> Image.Image:
+    """`text` centred on a white tile of `size`: a row's label in a grid of tiles of that size."""
+    tile = Image.new("RGB", size, "white")
+    font = ImageFont.load_default(size=size[1] // 3)
+    ImageDraw.Draw(tile).text((size[0] / 2, size[1] / 2), text, fill="black", font=font, anchor="mm")
+    return tile
+
+
 @torch.no_grad()
-def unmasking_gif(pipe: Amused, path: Path, seed: int) -> None:
-    """One sample of each digit, side by side, after every one of 12 steps: committed tokens decoded, masked ones
-    grey (sample.step_frames, what --save-steps draws); the last frame held longer."""
+def unmasking_gif(pipe: Amused, path: Path, seed: int, scale: int = SCALE // 2) -> None:
+    """One sample of each digit, side by side under its label, after every one of 12 steps: committed tokens
+    decoded, masked ones grey (sample.step_frames, what --save-steps draws); the last frame held longer."""
     history = []
     pipe([f"a handwritten digit {k}" for k in range(10)], generator=torch.Generator().manual_seed(seed),
          output_type="tokens", callback=lambda step, tokens: history.append(tokens.cpu().clone()))
     frames = []
     for tokens in history:  # (10, h, w) after each step
         digits = sample.step_frames(pipe, list(tokens))
-        frames.append(image_grid(upscaled(digits, SCALE // 2), cols=10))
+        frames.append(image_grid(upscaled(digits, scale), cols=10, labels=[str(k) for k in range(10)]))
     durations = [sample.FRAME_MS * 2] * (len(frames) - 1) + [sample.LAST_FRAME_MS]
     atomic_write(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], loop=0,
                                                   duration=durations))
 
 
 @torch.no_grad()
-def samples_grid(pipe: Amused, path: Path, seed: int, per_class: int = 10) -> None:
-    """Rows: the digits 0 to 9; columns: seeds (12 steps, guidance 10, the defaults)."""
-    images = pipe([f"a handwritten digit {k}" for k in range(10)], num_images_per_prompt=per_class,
-                  generator=torch.Generator().manual_seed(seed))  # [p0..p9, p0..p9, ...]
-    by_row = [images[j * 10 + k] for k in range(10) for j in range(per_class)]
-    save_png(image_grid(upscaled(by_row, SCALE // 2), cols=per_class), path)
+def samples_grid(pipe: Amused, path: Path, seed: int, per_class: int = 10, scale: int = SCALE // 2) -> None:
+    """Rows: the digits 0 to 9, each after its label; columns: seeds (12 steps, guidance 10, the defaults)."""
+    images = upscaled(pipe([f"a handwritten digit {k}" for k in range(10)], num_images_per_prompt=per_class,
+                           generator=torch.Generator().manual_seed(seed)), scale)  # [p0..p9, p0..p9, ...]
+    rows = [[label_tile(str(k), images[0].size)] + [images[j * 10 + k] for j in range(per_class)] for k in range(10)]
+    save_png(image_grid([tile for row in rows for tile in row], cols=per_class + 1), path)
 
 
 @torch.no_grad()
@@ -109,41 +131,55 @@ def schedule_table(steps: int = 12) -> str:
     return "\n".join(rows)
 
 
-def cpu_name() -> str:
-    return f"{speed.cpu_description()}, {torch.get_num_threads()} threads"
+def page_path(folder: Path) -> Path:
+    """Where the page of the pictures in `folder` goes: beside it, FOLDER.md."""
+    folder = folder.resolve()
+    return folder.with_name(folder.name + ".md")
 
 
-def draw(pipe: Amused, run_dir: Path, folder: Path, train_images: torch.Tensor, results: dict,
-         seed: int = 0) -> None:
-    """The pictures into `folder`, and the page docs/how-it-works.md (PAGE) around them, with this run's figures."""
+def draw(run_dir: Path, folder: Path, seed: int = 0) -> Path:
+    """The pictures of the finished digits run in `run_dir` into `folder`, and their page beside it; -> the page."""
+    run_dir, folder = Path(run_dir), Path(folder)
+    for name in ("model.safetensors", "results.json", "results.md", "data/0000.png"):
+        if not (run_dir / name).is_file():
+            raise cli.UsageError(f"{run_dir} is not a finished digits run ({run_dir / name} is missing): run "
+                                 f"examples/digits.py --out {run_dir} first (with --resume if it was interrupted)")
+    import digits_samplers  # examples/digits_samplers.py (it imports digits.py, which imports this file)
+
+    pipe = Amused.from_pretrained(run_dir / "model.safetensors")
+    results = json.loads((run_dir / "results.json").read_text())
+    first = torch.from_numpy(np.array(Image.open(run_dir / "data" / "0000.png").convert("RGB")))
     folder.mkdir(parents=True, exist_ok=True)
     unmasking_gif(pipe, folder / "unmasking.gif", seed)
     samples_grid(pipe, folder / "samples.png", seed)
-    masked_training_example(pipe, train_images[0], folder / "masked-example.png", seed)
+    masked_training_example(pipe, first.permute(2, 0, 1) / 255, folder / "masked-example.png", seed)
     sizes_grid(pipe, folder / "sizes.png", seed)
-    images = {name: Path(folder / name).resolve().relative_to(PAGE.parent.resolve()).as_posix()
-              if Path(folder).resolve().is_relative_to(PAGE.parent.resolve()) else str(folder / name)
-              for name in ("unmasking.gif", "samples.png", "masked-example.png", "sizes.png", "samplers.png")}
-    seconds = results["seconds"]
-    page = PAGE_TEMPLATE.format(
-        results=(run_dir / "results.md").read_text(), schedule=schedule_table(), cpu=cpu_name(),
-        minutes=seconds["total"] / 60, uvit_minutes=seconds["U-ViT"] / 60, vq=results["vq"]["held out"],
+    digits_samplers.draw_figure(pipe, folder / "samplers.png", seed=seed)
+    seconds, page = results["seconds"], page_path(folder)
+    text = PAGE_TEMPLATE.format(
+        results=(run_dir / "results.md").read_text(), schedule=schedule_table(),
+        machine=results.get("machine", "machine not recorded"), minutes=seconds["total"] / 60,
+        uvit_minutes=seconds["U-ViT"] / 60, vq=results["vq"]["held out"],
         g10=results["12 steps, guidance 10"]["accuracy"], g4=results["12 steps, guidance 4"]["accuracy"],
-        ceiling=results["judge_on_real_held_out"], uvit_params=sum(p.numel() for p in pipe.transformer.parameters()), **{k.replace(".", "_").replace("-", "_"): v for k, v in images.items()})
-    PAGE.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(PAGE, lambda tmp: Path(tmp).write_text(page))
+        ceiling=results["judge_on_real_held_out"], uvit_params=sum(p.numel() for p in pipe.transformer.parameters()),
+        readme=Path(os.path.relpath(ROOT / "README.md", page.parent)).as_posix(),
+        **{name.replace(".", "_").replace("-", "_"): f"{folder.name}/{name}" for name in PICTURES})
+    atomic_write(page, lambda tmp: Path(tmp).write_text(text))
     total = sum(p.stat().st_size for p in folder.iterdir())
-    print(f"wrote {PAGE} and its pictures in {folder} ({total / 1024:.0f} KiB)")
+    print(f"wrote {page} and its pictures in {folder} ({total / 1024:.0f} KiB)")
+    return page
 
 
 PAGE_TEMPLATE = """# How aMUSEd works, shown on handwritten digits
 
 Every picture and number on this page comes from one run of `examples/digits.py`, which trains a whole aMUSEd from
 scratch (a VQ tokenizer, then a U-ViT; the text encoder is a small CLIP with fixed random weights) on
-scikit-learn's 1,797 handwritten digits in {minutes:.0f} minutes on a CPU ({cpu}). To draw it all again:
+scikit-learn's 1,797 handwritten digits in {minutes:.0f} minutes on a CPU ({machine}). To train it and draw it all
+again:
 
 ```bash
-python examples/digits.py --out runs/digits --figures docs/how-it-works
+python examples/digits.py --out runs/digits
+python examples/digits_figures.py --run runs/digits --out docs/how-it-works
 ```
 
 The model is tiny, and so are its images: 16x16 pixels, an 8x8 grid of tokens from a codebook of 16. The
@@ -174,8 +210,8 @@ guidance needs both. The U-ViT here has {uvit_params:,} parameters and trains fo
 Generation starts from a grid where every token is masked. At each of 12 steps the U-ViT predicts every position;
 a token is drawn at every masked one, and the most confident of those are kept while the rest are masked again
 (their confidence is the token's log-probability plus Gumbel noise whose temperature falls from 2 to 0:
-randomness early, greed late). How many stay masked after each step follows the cosine schedule, computed in float32 exactly
-as diffusers' `AmusedScheduler` does (`sampling.sampling_mask_counts`). Rounding matters: after step 8,
+randomness early, greed late). How many stay masked after each step follows the cosine schedule, computed in float32
+exactly as diffusers' `AmusedScheduler` does (`sampling.sampling_mask_counts`). Rounding matters: after step 8,
 cos(pi/2 x 8/12) is 0.49999997 in float32, so 127 of amused-256's 256 tokens stay masked where float64 would keep
 128; we reproduce it, so that the same seed gives the same tokens as diffusers.
 
@@ -222,7 +258,17 @@ The sampler above commits the most confident tokens first: on the digits, the bl
 edges, the digit itself last. The Halton sampler (`sampler="halton"`, Besnier et al., ICLR 2025) instead reveals
 the positions in a fixed order that spreads them evenly over the grid (a 2-D Halton sequence), with no confidence
 and no re-masking: every step commits a sample of the whole image. Both pictures: the same prompts and seed, 8
-steps, guidance 4 (drawn by `python examples/digits_samplers.py runs/digits/model.safetensors --figure
-docs/how-it-works/samplers.png`). How each sampler, guidance schedule and step count reads to the judge, per
-U-ViT pass: the README's [Fewer U-ViT passes](../README.md#fewer-u-vit-passes-the-samplers).
+steps, guidance 4 (`digits_samplers.draw_figure`; also `python examples/digits_samplers.py
+runs/digits/model.safetensors --figure samplers.png`). How each sampler, guidance schedule and step count reads to
+the judge, per U-ViT pass: the README's [Fewer U-ViT passes]({readme}#fewer-u-vit-passes-the-samplers).
 """
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p.add_argument("--run", dest="run_dir", required=True, metavar="DIR",
+                   help="a finished examples/digits.py run: its --out folder")
+    p.add_argument("--out", dest="folder", required=True, metavar="FOLDER",
+                   help="the pictures go into FOLDER, their page beside it as FOLDER.md")
+    p.add_argument("--seed", type=int, default=0, help="the drawings' seed")
+    cli.run(draw, p.parse_args(), errors=(cli.UsageError, OSError))

@@ -1,6 +1,6 @@
 """examples/digits_precision.py: the digits judge (examples/digits.py) read in each precision of one trained model.
 
-    python examples/digits.py --out runs/digits                       # train once (~7 min)
+    python examples/digits.py --out runs/digits                       # train once (~9 min)
     python examples/digits_precision.py runs/digits/model.safetensors  # fp32 (exact), bf16, int8: accuracy each
 
 int8 is the U-ViT's linear layers in int8 (quantize.py), the rest in the CPU's "auto" float dtype.
@@ -85,7 +85,8 @@ def table(results: dict, base: str, per_class: int, ceiling: float) -> str:
                  for g in GUIDANCES]
         same = np.mean([r[g]["tokens_equal_to_fp32"] for g in GUIDANCES])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {same:.1%} |")
-    return "\n".join(lines) + f"\n\n{10 * per_class} images per cell, 12 steps; the judge reads {ceiling:.3f} of the real held-out digits.\n"
+    return ("\n".join(lines) + f"\n\n{10 * per_class} images per cell, 12 steps; the judge reads {ceiling:.3f} of the "
+            "real held-out digits.\n")
 
 
 if __name__ == "__main__":

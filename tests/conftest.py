@@ -3,8 +3,12 @@
 The reference libraries (diffusers, transformers) are imported only inside tests: they are the oracles
 our from-scratch modules are compared with, never dependencies of the product.
 """
+import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +166,27 @@ def assert_close(name, ours, ref, atol, rtol=0.0):
 
 # ----------------------------------------------------------------------------------------------------
 # Reference models
+
+
+def interrupt_at(cmd: list[str], prefix: str, env: dict, delay: float = 0.0, timeout: float = 60):
+    """Run cmd in the repository root and send it a SIGINT `delay` seconds after a line of its output starts with
+    `prefix` (Ctrl-C, as a terminal sends it) -> (exit code, all its stdout, its stderr). SIGINT is back to its
+    default in the child: a shell's background job (`pytest ... &`) has it ignored, which Python would inherit."""
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **env}, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        lines = []
+        for line in p.stdout:  # until the line (or the end, if it never comes)
+            lines.append(line)
+            if line.startswith(prefix):
+                time.sleep(delay)
+                p.send_signal(signal.SIGINT)
+                break
+        rest, stderr = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    return p.returncode, "".join(lines) + rest, stderr
 
 
 def seeded(seed=0):

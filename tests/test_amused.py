@@ -506,6 +506,38 @@ def test_one_generator_per_image_makes_each_image_as_if_alone(tiny, mode):
     assert not torch.equal(batch[0], batch[2])  # same prompt, other seed
 
 
+def test_a_seed_is_a_cpu_generator_seeded_with_it(tiny):
+    """seed=7 in the three methods draws what generator=torch.Generator().manual_seed(7) draws."""
+    _, ours, _ = tiny
+    image, mask = smooth_images(1, 32, 32, seed=8), square_mask("tensor")
+    for run in (lambda **kw: ours("a cat", steps=3, output_type="tokens", **kw),
+                lambda **kw: ours.img2img("a cat", image, strength=0.7, steps=3, output_type="tokens", **kw),
+                lambda **kw: ours.inpaint("a cat", image, mask, steps=3, output_type="tokens", **kw)):
+        seeded_run = run(seed=7)
+        assert torch.equal(seeded_run, run(generator=seeded(7))) and not torch.equal(seeded_run, run(seed=8))
+
+
+def test_dtype_names_and_devices(tiny):
+    """dtype takes sample.py's --dtype names and torch's ("bf16" = "bfloat16" = torch.bfloat16); anything else,
+    or a dtype name given as the device, is one ValueError saying what is accepted."""
+    _, _, hub = tiny
+    cpu = torch.device("cpu")
+    for names, dtype in ((("fp32", "float32"), torch.float32), (("fp16", "float16"), torch.float16),
+                         (("bf16", "bfloat16"), torch.bfloat16)):
+        assert all(speed.resolve_dtype(n, cpu, exact=True)[:2] == (dtype, False) for n in names)
+    pipe = Amused.from_pretrained(hub, dtype="bf16")
+    assert pipe.dtype == next(pipe.transformer.parameters()).dtype == torch.bfloat16
+    for bad in ("cuda", "fp8", "torch.float32", torch.int64):
+        with pytest.raises(ValueError, match="dtype must be one of fp32, fp16, bf16, float32, float16, bfloat16, "
+                                             "auto, int8"):
+            Amused.from_pretrained(hub, dtype=bad)
+    with pytest.raises(ValueError, match="device must be .*got 'bf16' .the precision is the dtype= keyword"):
+        Amused.from_pretrained(hub, "bf16")
+    # "auto" follows exact: float32 with the API's default exact=True (parity), the fast precision without it
+    assert speed.resolve_dtype("auto", cpu, exact=True)[0] == torch.float32
+    assert speed.resolve_dtype("auto", cpu, exact=False)[0] == speed.auto_dtype(cpu, exact=False)[0]
+
+
 def test_output_types(tiny):
     _, ours, _ = tiny
     pil = ours("a cat", steps=2, generator=seeded(0))
@@ -543,7 +575,10 @@ def test_bad_arguments(tiny):
         (lambda: ours.inpaint("a", image, Image.new("L", (32, 32)), strength=0.5), ValueError, "no token to repaint"),
         (lambda: ours.img2img(PROMPTS * 2, smooth_images(3, 32, 32, 0)), ValueError, "3 images for 4 prompts"),
         (lambda: ours(PROMPTS, generator=[seeded(0)]), ValueError, "a list of one per image"),
-        (lambda: ours("a", generator=0), TypeError, "generator must be a torch.Generator"),
+        (lambda: ours("a", generator=0), TypeError, "generator must be a torch.Generator .* pass seed=0"),
+        (lambda: ours("a", generator=seeded(1), seed=1), ValueError, "a generator or a seed, not both"),
+        (lambda: ours("a", seed=-1), ValueError, r"seed must be an integer in \[0, 2\*\*64\)"),
+        (lambda: ours("a", seed=1.0), ValueError, "seed must be an integer"),
     ]
     for call, error, match in cases:
         with pytest.raises(error, match=match):

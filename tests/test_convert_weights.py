@@ -443,3 +443,73 @@ def test_text_encoder_config_of_an_older_transformers_loads_silently(tiny_hub, t
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cw.load_checkpoint(folder).text_encoder.cfg.hidden_size == old["hidden_size"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling defaults: what a converted file recommends passing to the pipeline
+
+
+def with_metadata(path, out, **changes):
+    """A copy of a converted file with metadata entries changed (None removes one): to write what our writers refuse."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = {**f.metadata(), **changes}
+    save_file(load_file(path), out, metadata={k: v for k, v in meta.items() if v is not None})
+    return out
+
+
+def test_sampling_defaults_travel_with_the_file(tiny_hub, tmp_path):
+    """None in a hub folder or a plain conversion; train.save_model writes the pipeline's, from_pretrained reads
+    them back (a pair as a tuple), and write_sampling_defaults replaces them without touching a tensor."""
+    import train
+    from amused import Amused
+    out = tmp_path / "tiny.safetensors"
+    cw.convert(tiny_hub, out)
+    assert Amused.from_pretrained(tiny_hub).sampling_defaults == {} == cw.read_sampling_defaults(tiny_hub)
+    pipe = Amused.from_pretrained(out)
+    assert pipe.sampling_defaults == {} == cw.read_sampling_defaults(out)
+
+    pipe.sampling_defaults = {"steps": 1, "guidance_scale": 0.0, "temperature": [1.0, 0.0], "sampler": "halton"}
+    student = tmp_path / "student.safetensors"
+    train.save_model(student, pipe)  # a fine-tune keeps its base's recommendation
+    expected = {"steps": 1, "guidance_scale": 0.0, "temperature": (1.0, 0.0), "sampler": "halton"}
+    assert cw.read_sampling_defaults(student) == expected == Amused.from_pretrained(student).sampling_defaults
+
+    tensors = load_file(student)
+    cw.write_sampling_defaults(student, {"steps": 12, "guidance_scale": 4.0})
+    assert Amused.from_pretrained(student).sampling_defaults == {"steps": 12, "guidance_scale": 4.0}
+    after = load_file(student)
+    assert after.keys() == tensors.keys() and all(torch.equal(after[k], t) for k, t in tensors.items())
+    cw.write_sampling_defaults(student, {})
+    assert cw.read_sampling_defaults(student) == {} and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("defaults, message", [
+    ({"step": 12}, "unknown key 'step'; the keys are steps, guidance_scale"),
+    ({"height": 64}, "unknown key 'height'"),
+    ({"steps": 0}, "steps must be an integer >= 1, got 0"),
+    ({"steps": 12.5}, "steps must be an integer >= 1, got 12.5"),
+    ({"steps": True}, "steps must be an integer >= 1, got true"),
+    ({"guidance_scale": -1}, "guidance_scale must be a finite number >= 0"),
+    ({"guidance_scale": "4"}, "guidance_scale must be a finite number >= 0"),
+    ({"temperature": [1, 2, 3]}, "temperature must be a finite number or a pair"),
+    ({"sampler": "greedy"}, "sampler must be one of ('confidence', 'halton'"),
+    ({"mask_schedule": "square"}, "mask_schedule must be None or one of"),
+    ({"halton_roll": 1}, "halton_roll must be True or False"),
+    ([12, 4.0], "sampling_defaults must be an object of pipeline keywords"),
+])
+def test_bad_sampling_defaults_are_refused_when_written_and_when_loaded(tiny_hub, tmp_path, defaults, message):
+    out = tmp_path / "tiny.safetensors"
+    cw.convert(tiny_hub, out)
+    with pytest.raises(cw.CheckpointError, match="sampling_defaults") as e:
+        cw.write_sampling_defaults(out, defaults)
+    assert message in str(e.value)
+    bad = with_metadata(out, tmp_path / "bad.safetensors", sampling_defaults=json.dumps(defaults))
+    for load in (cw.load_checkpoint, cw.read_sampling_defaults):
+        with pytest.raises(cw.CheckpointError, match="sampling_defaults") as e:
+            load(bad)
+        assert message in str(e.value) and str(bad) in str(e.value)
+    with pytest.raises(cw.CheckpointError, match="not valid JSON"):
+        cw.load_checkpoint(with_metadata(out, tmp_path / "bad2.safetensors", sampling_defaults="{steps: 1"))
+    with pytest.raises(cw.CheckpointError, match="not a converted amused file"):
+        cw.write_sampling_defaults(with_metadata(out, tmp_path / "foreign.safetensors", format=None), {"steps": 1})

@@ -1,7 +1,12 @@
 """examples/digits.py, the short version: every stage runs, the VQ's reconstruction and the U-ViT's loss fall, and
-the checkpoint loads and samples (through the API and sample.py). Also the judge's own pieces against independent
-references. The full run, whose figures the README quotes, is a script, not a test (~10 minutes)."""
+the checkpoint loads and samples (through the API and sample.py); the run's pictures are drawn, and
+digits_figures.py draws the page's from the finished run without training; --resume skips what is done and, after a
+Ctrl-C in the U-ViT's training, finishes to the same weights. Also the judge's own pieces against independent
+references. The full run, whose figures the README quotes, is a script, not a test (~9 minutes)."""
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -15,8 +20,10 @@ sys.path.insert(0, str(ROOT / "examples"))
 pytest.importorskip("sklearn", reason="examples/digits.py needs scikit-learn (requirements-dev.txt)")
 
 import digits  # noqa: E402
+import digits_figures  # noqa: E402
 import vqgan  # noqa: E402
 from amused import Amused  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +35,7 @@ def quick_run(tmp_path_factory, one_thread):
 def test_every_stage_runs_and_learns(quick_run):
     out, results = quick_run
     for name in ("model.safetensors", "results.json", "results.md", "start.safetensors", "uvit.json",
-                 "data/metadata.jsonl", "train/log.jsonl"):
+                 "data/metadata.jsonl", "train/log.jsonl", "run.json"):
         assert (out / name).is_file(), name
     assert len((out / "data" / "metadata.jsonl").read_text().splitlines()) == 1347  # 75% of 1,797
 
@@ -71,10 +78,95 @@ def test_the_checkpoint_loads_and_samples(quick_run, tmp_path):
     assert Image.open(png).size == (16, 16)
 
 
-def test_a_second_run_into_the_same_folder_is_refused(quick_run):
+def test_the_run_draws_its_pictures_enlarged(quick_run):
+    """samples.png: a label and ten samples in a row per digit; unmasking.gif: the ten digits, a frame per step;
+    each 16 px digit drawn 8x (and framed: 3 px a side)."""
     out, _ = quick_run
-    with pytest.raises(digits.cli.UsageError, match="holds a run already"):
+    cell = digits.RESOLUTION * digits_figures.SCALE + 6
+    assert Image.open(out / "samples.png").size == (11 * cell, 10 * cell)
+    gif = Image.open(out / "unmasking.gif")
+    assert gif.width == 10 * cell and gif.height > cell and gif.n_frames == 12
+
+
+def test_a_second_run_into_the_same_folder_is_refused(quick_run, tmp_path):
+    out, _ = quick_run
+    with pytest.raises(digits.cli.UsageError, match="holds a run already: add --resume"):
         digits.main(str(out), recipe="quick")
+    with pytest.raises(digits.cli.UsageError, match="--recipe was quick, now full"):
+        digits.main(str(out), recipe="full", resume=True)
+    with pytest.raises(digits.cli.UsageError, match="holds no run to finish"):
+        digits.main(str(tmp_path / "none"), recipe="quick", resume=True)
+
+
+def test_resuming_a_finished_run_does_no_work(quick_run, monkeypatch):
+    out, results = quick_run
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a finished run worked again")
+
+    for module, name in ((digits, "load_digits"), (digits, "fit_judge"), (digits, "train_vq"), (digits, "evaluate"),
+                         (digits.train, "main"), (digits_figures, "samples_grid"), (digits_figures, "unmasking_gif")):
+        monkeypatch.setattr(module, name, no_work)
+    assert digits.main(str(out), recipe="quick", resume=True) == results
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+
+def test_resume_after_ctrl_c_in_the_uvit_training(quick_run, tmp_path, monkeypatch, one_thread):
+    """The quick run's first four stages, then its U-ViT training stopped by a real SIGINT at step 20: train.py
+    saves, digits.py stops (KeyboardInterrupt, with the time spent kept); --resume skips the stages done, continues
+    the training from step 21, and ends with the uninterrupted run's weights and figures."""
+    out, results = quick_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("train", "model.safetensors", "results.*", "samples.png",
+                                                            "unmasking.gif"))
+    record = json.loads((run / "run.json").read_text())
+    for stage in ("U-ViT", "judge the drawings", "pictures"):
+        del record["seconds"][stage]
+    (run / "run.json").write_text(json.dumps(record))
+
+    step_once = digits.train.optimizer_step
+
+    def ctrl_c_at_step_20(state, lr, step, *args):
+        step_once(state, lr, step, *args)
+        if step + 1 == 20:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(digits.train, "optimizer_step", ctrl_c_at_step_20)
+    with pytest.raises(KeyboardInterrupt):
+        digits.main(str(run), recipe="quick", resume=True)
+    monkeypatch.undo()
+    assert torch.load(run / "train" / "checkpoint.pt", weights_only=True)["step"] == 20
+    assert not (run / "model.safetensors").exists()
+    interrupted = json.loads((run / "run.json").read_text())["interrupted"]["U-ViT"]
+    assert interrupted > 0
+
+    resumed = digits.main(str(run), recipe="quick", resume=True)
+    a, b = load_file(out / "model.safetensors"), load_file(run / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("12 steps, guidance 10", "12 steps, guidance 4", "accuracy by steps, guidance", "vq"):
+        assert resumed[key] == results[key], key
+    assert resumed["seconds"]["U-ViT"] > interrupted
+    assert resumed["seconds"]["tokenizer"] == record["seconds"]["tokenizer"]  # not trained again
+    steps = [json.loads(line)["step"] for line in (run / "train" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(6, 61, 6))  # each logged once: steps 1-20 in the first session, 21-60 in the second
+
+
+def test_figures_are_drawn_from_a_finished_run(quick_run, tmp_path):
+    """digits_figures.py --run DIR --out FOLDER: no training; the pictures into FOLDER, the page beside it with
+    links that resolve; docs/how-it-works.md untouched."""
+    out, _ = quick_run
+    page = ROOT / "docs" / "how-it-works.md"
+    before = page.read_bytes() if page.exists() else None
+    written = digits_figures.draw(out, tmp_path / "figures")
+    assert written == (tmp_path / "figures.md").resolve()
+    text = written.read_text()
+    links = [line.split("](./")[1].split(")")[0] for line in text.splitlines() if line.startswith("![")]
+    assert sorted(links) == sorted(f"figures/{name}" for name in digits_figures.PICTURES)
+    assert all((tmp_path / link).stat().st_size > 0 for link in links)
+    assert (page.read_bytes() if page.exists() else None) == before
+    with pytest.raises(digits.cli.UsageError, match="not a finished digits run"):
+        digits_figures.draw(tmp_path, tmp_path / "nothing")
 
 
 def test_frechet_distance_against_scipy():
@@ -142,3 +234,27 @@ def test_digits_samplers_judges_each_setting_per_pass(quick_run, tmp_path):
     assert width > height > 0
     with pytest.raises(digits.cli.UsageError, match="unknown setting 'nope'"):
         digits_samplers.main(str(out / "model.safetensors"), ["nope"], [2], [4.0], [0])
+
+
+def test_digits_distill_distils_judges_and_draws(quick_run, tmp_path, monkeypatch):
+    """examples/digits_distill.py on the quick model, a few distillation steps: every row judged with its passes,
+    the verdict read off the table, the picture drawn; a rerun finds the finished student and trains nothing."""
+    import digits_distill
+
+    out, _ = quick_run
+    monkeypatch.setattr(digits_distill, "RECIPE", dict(digits_distill.RECIPE, max_steps=3, warmup_steps=1,
+                                                       save_every=0, log_every=1))
+    teacher, student = str(out / "model.safetensors"), tmp_path / "student"
+    results = digits_distill.main(teacher, str(student), per_class=2, seeds=[0])
+    cells = results["cells"]
+    assert list(cells) == [name for name, _, _ in digits_distill.rows()]
+    assert [c["passes"] for c in cells.values()] == [24, 24, 1, 1, 2, 4]
+    assert all(0 <= c["accuracy"] <= 1 and c["frechet"] > 0 for c in cells.values())
+    assert set(results["verdict"].values()) <= {True, False} and results["distill_seconds"] > 0
+    assert Amused.from_pretrained(student / "model.safetensors").sampling_defaults["steps"] == 1
+    assert Image.open(student / "teacher-vs-student.png").size[0] > 0 and (student / "results.md").is_file()
+    monkeypatch.setattr(digits_distill.distill, "main", lambda *a, **k: pytest.fail("trained again"))
+    again = digits_distill.main(teacher, str(student), per_class=2, seeds=[0])
+    assert again["distill_seconds"] == results["distill_seconds"]
+    with pytest.raises(digits.cli.UsageError, match="no such file"):
+        digits_distill.main(str(tmp_path / "missing.safetensors"), str(student))

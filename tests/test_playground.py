@@ -219,6 +219,9 @@ def test_info_and_a_page_that_loads_nothing_from_elsewhere(server):
     assert status == 200
     assert (info["resolution"], info["tokens"], info["max_steps"]) == (32, 8, 64)  # 64 tokens: at most 64 steps
     assert info["max_upload_bytes"] == 10 * 2**20 and info["max_images"] == 8
+    # the form's first values: a hub folder carries no sampling_defaults, so the pipeline's
+    assert info["defaults"] == {"steps": 12, "guidance_scale": 10.0, "sampler": "confidence",
+                                "guidance_schedule": "constant"}
     status, page, headers = call(server.url, "/")
     assert status == 200 and headers.get_content_type() == "text/html"
     html = page.decode()
@@ -241,8 +244,9 @@ def test_text_to_image_streams_a_frame_per_step_and_equals_the_pipeline(server, 
                    callback=lambda step, tokens: history.append(tokens.clone()))
     steps = [data for name, data in events if name == "step"]
     assert [(d["step"], d["steps"]) for d in steps] == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    assert [d["masked"] for d in steps] == [int((t == ref.mask_id).sum()) for t in history]
-    assert 0 < steps[0]["masked"] < 128 and steps[-1]["masked"] == 0 and steps[0]["tokens"] == 128
+    # counted per image: of the 64 tokens of each, not of the 128 of both
+    assert [d["masked"] for d in steps] == [(t == ref.mask_id).flatten(1).sum(1).tolist() for t in history]
+    assert all(0 < m < 64 for m in steps[0]["masked"]) and steps[-1]["masked"] == [0, 0] and steps[0]["tokens"] == 64
     for d, tokens in zip(steps, history):
         assert len(d["urls"]) == 2  # a frame per image
         for i, url in enumerate(d["urls"]):
@@ -260,6 +264,29 @@ def test_text_to_image_streams_a_frame_per_step_and_equals_the_pipeline(server, 
     assert state["settings"]["seed"] == "7"  # a string: JavaScript's numbers are exact only to 2**53
     # a page that reconnects gets only the events it missed
     assert read_events(server.url, gen, last_event_id=5) == events[6:]
+
+
+def test_a_checkpoints_sampling_defaults_are_the_pages(hub, ref, tmp_path):
+    """The checkpoint's recommendation (sampling_defaults) gives the form its first values and every setting a
+    request leaves out, the ones the page cannot set (the Gumbel temperature here) included."""
+    pipe = Amused.from_pretrained(hub)
+    pipe.sampling_defaults = {"steps": 3, "guidance_scale": 4.0, "temperature": (1.0, 0.0)}
+    httpd = playground.Server("127.0.0.1", 0)
+    httpd.playground = playground.Playground(pipe, tmp_path, "tiny")
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        assert call(url, "/api/info")[1]["defaults"] == {"steps": 3, "guidance_scale": 4.0, "sampler": "confidence",
+                                                         "guidance_schedule": "constant"}
+        events = read_events(url, submit(url, seed=2))
+        assert [d["step"] for name, d in events if name == "step"] == [1, 2, 3]
+        expected = ref(PROMPT, steps=3, guidance_scale=4.0, temperature=(1.0, 0.0), generator=seeded(2))[0]
+        assert_same_image(image_at(url, events[-1][1]["images"][0][0]), expected, "with the checkpoint's settings")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        httpd.playground.close(timeout=30)
 
 
 def test_a_comparison_runs_each_step_count_from_the_seed(server, ref):
@@ -325,7 +352,7 @@ def test_the_sampler_choice(server, ref):
     """The page's sampler and guidance schedule reach the pipeline: the Halton order with guidance on the later
     steps equals the pipeline's run with those keywords."""
     info = call(server.url, "/api/info")[1]
-    assert info["samplers"] == ["confidence", "halton"] and "interval" in info["guidance_schedules"]
+    assert info["samplers"][:2] == ["confidence", "halton"] and "interval" in info["guidance_schedules"]
     gen = submit(server.url, steps=4, seed=9, frames=False, sampler="halton", guidance_schedule="interval")
     events = read_events(server.url, gen)
     assert gen["settings"]["sampler"] == "halton" and events[-1][0] == "done", events[-1]

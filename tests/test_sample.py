@@ -11,7 +11,6 @@ need many runs call main() in-process.
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import warnings
@@ -22,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_same_image, reference_pipeline, save_hub_checkpoint, seeded, smooth_images
+from conftest import (ROOT, assert_same_image, interrupt_at, reference_pipeline, save_hub_checkpoint, seeded,
+                      smooth_images)
 import amused
 from amused import Amused
 import sample
@@ -217,6 +217,11 @@ def test_cli_bad_input_is_one_error_line(cli, case):
     (dict(seed=99999999999999999999999), "--seed must be in [0, 2**64)"),
     (dict(seed=2**64), "--seed must be in [0, 2**64)"),
     (dict(seed=-1), "--seed must be in [0, 2**64), got -1"),
+    (dict(batch_size=0), "--batch-size must be >= 1, got 0"),
+    (dict(num_images=1001), "--num-images 1001 x 1 step count makes 1001 images in one grid file, above 1000"),
+    (dict(num_images=400, steps="2,3,4"), "1200 images in one grid file, above 1000: for many images, one file each, "
+                                          "use --prompts FILE --out-dir DIR"),
+    (dict(num_images=9, seed=2**64 - 5), "--seed 18446744073709551611 + --num-images 9 passes 2**64"),
 ])
 def test_more_bad_input_rejected_before_loading(kwargs, message):
     """Errors main() raises before it touches the checkpoint (which does not exist here, so a check that came after
@@ -450,25 +455,9 @@ def test_ctrl_c_is_one_line_and_exit_130(files):
     """--steps 1000 on the 64-token model: a note says why that is no better, step 1 an estimate of the rest; a
     SIGINT then stops the run with one line `interrupted`, exit code 130, no traceback and no output file."""
     out = files["root"] / "interrupted.png"
-    # SIGINT back to its default in the child: a shell's background job (`pytest ... &`) has it ignored, which
-    # Python would inherit, and the run would not stop
-    p = subprocess.Popen([sys.executable, "sample.py", PROMPT, "--steps", "1000", "--checkpoint", files["hub"],
-                          "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, **ONE_THREAD},
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        lines = []
-        for line in p.stdout:  # until the estimate after step 1 (or the end, if it never comes)
-            lines.append(line)
-            if line.startswith("  about "):
-                p.send_signal(signal.SIGINT)
-                break
-        rest, stderr = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    stdout = "".join(lines) + rest
-    assert p.returncode == 130, f"exit code {p.returncode}; stdout: {stdout[-2000:]}; stderr: {stderr[-2000:]}"
+    code, stdout, stderr = interrupt_at([sys.executable, "sample.py", PROMPT, "--steps", "1000", "--checkpoint",
+                                         files["hub"], "--out", str(out)], "  about ", ONE_THREAD)
+    assert code == 130, f"exit code {code}; stdout: {stdout[-2000:]}; stderr: {stderr[-2000:]}"
     assert stderr == "interrupted\n", stderr
     assert "note: --steps 1000 is more than the 64 tokens of an image. Each step commits at least one token, so " \
            "past 64 steps the extra steps only resample the last masked tokens: the result is not better" in stdout
@@ -607,3 +596,117 @@ def test_init_image_of_unknown_range_refused(tmp_path, mode, scale, message):
     with pytest.raises(sample.UsageError) as e:
         sample.main(PROMPT, checkpoint="/no/such/checkpoint", init_image=path)
     assert str(e.value).startswith(f"--init-image {path}: ") and message in str(e.value), str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Many images in bounded batches
+
+
+def test_more_images_than_a_batch_run_in_batches_and_the_batch_size_changes_no_image(files, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """--num-images past --batch-size: pipeline calls of at most --batch-size images, a line per batch, and image i
+    is `--seed S+i` alone, whatever the batch size (CPU fp32: the same file bit for bit)."""
+    calls, call = [], Amused.__call__
+    monkeypatch.setattr(Amused, "__call__", lambda self, *a, **kw: calls.append(kw["num_images_per_prompt"])
+                        or call(self, *a, **kw))
+    for b in (2, 3):
+        sample.main(PROMPT, checkpoint=files["hub"], steps="2", num_images=5, batch_size=b, seed=4, dtype="fp32",
+                    out=str(tmp_path / f"b{b}.png"))
+    monkeypatch.undo()
+    assert calls == [2, 2, 1, 3, 2]
+    printed = capsys.readouterr().out
+    assert re.findall(r"^batch (\d)/(\d): (\d)/5 images", printed, re.M) == [
+        ("1", "3", "2"), ("2", "3", "4"), ("3", "3", "5"), ("1", "2", "3"), ("2", "2", "5")]
+    assert len(PROGRESS.findall(printed)) == 2 * 2, "step lines for the first batch of each run only"
+    assert (tmp_path / "b2.png").read_bytes() == (tmp_path / "b3.png").read_bytes()
+    alone = Amused.from_pretrained(files["hub"], dtype="fp32", exact=False)
+    _, grid = cells(Image.open(tmp_path / "b2.png"), rows=5, cols=1)
+    for i in range(5):
+        assert_same_image(grid[i][0], alone(PROMPT, steps=2, generator=seeded(4 + i))[0], f"image {i} vs seed {4 + i}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling defaults a checkpoint carries
+
+
+@pytest.fixture(scope="module")
+def student(files, tmp_path_factory):
+    """A one-step checkpoint as distill.py writes it: sampling_defaults set on the pipeline, then train.save_model."""
+    import train
+    pipe = Amused.from_pretrained(files["hub"])
+    pipe.sampling_defaults = {"steps": 1, "guidance_scale": 0.0}
+    path = tmp_path_factory.mktemp("student") / "student.safetensors"
+    train.save_model(path, pipe)
+    return path
+
+
+def test_a_checkpoints_sampling_defaults_are_the_flags_defaults(files, student, pipe, tmp_path, capsys, monkeypatch):
+    """`sample.py --checkpoint student.safetensors PROMPT` draws in one step, unguided (one U-ViT pass per step),
+    and says where the settings came from; a flag given wins over the checkpoint."""
+    batches = []
+    forward = sampling.uvit.UViT.forward
+    monkeypatch.setattr(sampling.uvit.UViT, "forward", lambda self, ids, *a, **kw: batches.append(ids.shape[0])
+                        or forward(self, ids, *a, **kw))
+    out = tmp_path / "student.png"
+    sample.main(PROMPT, checkpoint=str(student), out=str(out))
+    printed = capsys.readouterr().out
+    assert batches == [1], "one step, one U-ViT pass on one image: no guidance pass"
+    assert re.search(r"^  steps +1 \(checkpoint\)$", printed, re.M)
+    assert re.search(r"^  guidance_scale +0\.0 \(checkpoint\)$", printed, re.M)
+    assert re.search(r"^  sampler +confidence: 1 U-ViT passes per image$", printed, re.M), "not marked: the pipeline's"
+    assert PROGRESS.findall(printed) == [("1", "1", "0", "64")]
+    assert_same_image(Image.open(out), pipe(PROMPT, steps=1, guidance_scale=0.0, generator=seeded(0))[0], "student")
+
+    sample.main(PROMPT, checkpoint=str(student), steps="2", out=str(out))
+    printed = capsys.readouterr().out
+    assert re.search(r"^  steps +2$", printed, re.M) and re.search(r"^  guidance_scale +0\.0 \(checkpoint\)$",
+                                                                    printed, re.M)
+    # a hub folder has none: the pipeline's defaults, unmarked
+    assert sample.sampling_flags(dict.fromkeys(sample.SAMPLING_KEYS), files["hub"]) == (
+        {**dict.fromkeys(sample.SAMPLING_KEYS), "steps": "12", "guidance_scale": 10.0, "temperature": "2.0,0.0",
+         "sampler": "confidence", "guidance_schedule": "constant", "guidance_from": 0.5, "mask_schedule": None,
+         "softmax_temperature": "1.0", "halton_roll": True}, [])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small surprises, each said in a line
+
+
+def test_a_prompt_that_names_a_file_gets_a_note(files, capsys):
+    with pytest.raises(sample.CheckpointError):  # the note comes before the load
+        sample.main(files["init"], checkpoint=str(files["root"] / "missing"))
+    assert f"note: the prompt {files['init']!r} is the name of a file" in capsys.readouterr().out
+    with pytest.raises(sample.CheckpointError):
+        sample.main("x" * 5000, checkpoint=str(files["root"] / "missing"))  # too long for a file name: no error
+    assert "note: the prompt" not in capsys.readouterr().out
+
+
+def test_fp16_on_a_cpu_gets_a_note(tmp_path, capsys):
+    """sample.py --dtype fp16 (and sample_many.py, playground.py: the same resolve_dtype) and train.py
+    --mixed-precision fp16 on a CPU say that it runs emulated, and what to use instead."""
+    import train
+    sample.resolve_dtype("fp16", "cpu", exact=False)
+    assert "note: --dtype fp16 on a CPU runs emulated" in capsys.readouterr().out
+    sample.resolve_dtype("bf16", "cpu", exact=False)
+    sample.resolve_dtype("fp16", "cuda", exact=False)
+    assert capsys.readouterr().out == ""
+    with pytest.raises(sample.UsageError, match="--data"):  # the note comes before the data is looked at
+        train.main(checkpoint="x", data=str(tmp_path / "missing"), out=str(tmp_path / "out"), mixed_precision="fp16",
+                   device="cpu")
+    assert "note: --mixed-precision fp16 on a CPU runs emulated" in capsys.readouterr().out
+    with pytest.raises(sample.UsageError, match="--data"):
+        train.main(checkpoint="x", data=str(tmp_path / "missing"), out=str(tmp_path / "out"), mixed_precision="bf16",
+                   device="cpu")
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_help_shows_each_default_once():
+    """A default of None is explained in the flag's help: "(default: None)" would say it a second time, wrongly."""
+    import argparse
+    import cli
+    p = argparse.ArgumentParser(formatter_class=cli.HelpFormatter)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per call")
+    text = " ".join(p.format_help().split())
+    assert "torch threads (default: torch's choice)" in text and text.count("default") == 2
+    assert "images per call (default: 8)" in text

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from conftest import (
     ROOT,
     TINY_UVIT,
     assert_close,
+    interrupt_at,
     perturb_,
     reference_pipeline,
     save_hub_checkpoint,
@@ -275,6 +277,21 @@ def test_overfits_two_captioned_images(files):
                            base.transformer.state_dict()["mlm_layer.conv2.weight"])
 
 
+def test_progress_line_has_an_eta(files, capsys):
+    """Every progress line tells the time left: at the pace of the steps so far, down to 0 at the last step. The
+    ETA is printed only: log.jsonl keeps its keys."""
+    assert train.time_left(10.0, 2, 6) == "30.0 s" and train.time_left(30.0, 1, 9) == "4 min 30 s"
+    assert train.time_left(0.0, 0, 5) == "?"
+    run(files, "eta", max_steps=4)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    etas = [line.split(" ETA ")[1].split(" peak")[0] for line in lines]
+    assert len(etas) == 4 and etas[-1] == "0.0 s", lines
+    # a tiny step takes milliseconds: the time left may print as 0.0 s before the end; its form is what is checked
+    assert all(re.fullmatch(r"\d+\.\d s", eta) for eta in etas), etas
+    assert all(e.keys() == {"step", "loss", "lr", "images_per_s", "data_ms_per_step", "unreadable"}
+               for e in read_log(files, "eta"))
+
+
 def test_resume_is_bit_exact(files):
     """6 steps straight = 3 steps, stop, --resume to 6: every weight, the EMA, the optimizer moments and the loss
     scale, with fp16 loss scaling, gradient accumulation, warm-up and EMA all in play."""
@@ -308,17 +325,8 @@ def test_ctrl_c_saves_then_resumes(files):
     out = files["root"] / "interrupted"
     cmd = [sys.executable, "train.py", "--checkpoint", files["hub"], "--data", files["data"], "--out", str(out),
            "--batch-size", "2", "--max-steps", "100000", "--log-every", "1", "--save-every", "0", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **ONE_THREAD})
-    try:
-        for line in proc.stdout:
-            if line.startswith("step 3/"):
-                proc.send_signal(signal.SIGINT)
-                break
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, stderr
+    code, stdout, stderr = interrupt_at(cmd, "step 3/", ONE_THREAD)
+    assert code == 130, stderr
     assert "SIGINT: stopping after this step" in stdout and "interrupted at step" in stdout, stdout
     state = torch.load(out / train.STATE_FILE, weights_only=True)
     k = state["step"]
