@@ -108,8 +108,8 @@ def compiled_gives_eager_tokens(pipe: Amused, runs: dict) -> dict:
 
 def test_compiled_samplers_give_the_eager_tokens(hub, one_thread):
     """The other samplers through the compiled step (fullgraph): the Halton order with a guidance ramp and a softmax
-    temperature ramp, and inpainting with guidance on the later steps only (its unguided steps run the U-ViT on the
-    prompts alone: a graph of their own), give the eager tokens, with no graph break."""
+    temperature ramp, inpainting with guidance on the later steps only (its unguided steps run the U-ViT on the
+    prompts alone: a graph of their own), and the dimo start, give the eager tokens, with no graph break."""
     pipe = Amused.from_pretrained(hub)
     image, mask = smooth_images(1, 32, 32, seed=3), torch.zeros(32, 32)
     mask[8:24, 4:20] = 1
@@ -118,6 +118,8 @@ def test_compiled_samplers_give_the_eager_tokens(hub, one_thread):
                                      guidance_schedule="ramp", softmax_temperature=(1.0, 0.7)),
         "inpaint, interval": lambda: pipe.inpaint(PROMPTS, image, mask, steps=6, generator=seeded(3),
                                                   output_type="tokens", guidance_schedule="interval"),
+        # a distilled student's start: the embedding noise enters the first step's graph
+        "dimo, guided": lambda: pipe(PROMPTS, steps=3, generator=seeded(2), output_type="tokens", sampler="dimo"),
     }
     compiled_gives_eager_tokens(pipe, runs)
 
