@@ -522,13 +522,8 @@ if __name__ == "__main__":
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue from --out/checkpoint.pt (same teacher, prompts and batch settings)")
     g = p.add_argument_group("what to train")
-    g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False,
-                   help="student and auxiliary model as LoRA adapters on the teacher's shared weights: one U-ViT in "
-                        "memory instead of three")
-    g.add_argument("--lora-rank", type=int, default=16, help="inner width r of each adapter")
-    g.add_argument("--lora-alpha", type=float, default=32.0, help="the adapters' output is scaled by alpha / rank")
-    g.add_argument("--lora-targets", default="to_q,to_k,to_v",
-                   help="comma list: Linear layers whose names end with one of these get an adapter")
+    train.add_lora_flags(g, "student and auxiliary model as LoRA adapters on the teacher's shared weights: one "
+                            "U-ViT in memory instead of three")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-5,
                    help="the student's Adam learning rate; the reference: 1e-5 (MaskGIT), 1e-6 (Meissonic, 1B)")

@@ -832,6 +832,15 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
         end_distributed(world)
 
 
+def add_lora_flags(g, what: str) -> None:
+    """On the argument group g: --lora (help: what), --lora-rank, --lora-alpha, --lora-targets (train.py, distill.py)."""
+    g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False, help=what)
+    g.add_argument("--lora-rank", type=int, default=16, help="inner width r of each adapter")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="the adapters' output is scaled by alpha / rank")
+    g.add_argument("--lora-targets", default="to_q,to_k,to_v",
+                   help="comma list: Linear layers whose names end with one of these get an adapter")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--checkpoint", default="amused/amused-256",
@@ -851,12 +860,7 @@ if __name__ == "__main__":
                    help=f"train a new U-ViT from scratch, of this config: a preset ({', '.join(uvit.PRESETS)}) or a "
                         f"JSON file of uvit.UViTConfig's fields; the VQGAN and text encoder still come from "
                         f"--checkpoint. None: fine-tune the checkpoint's U-ViT")
-    g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False,
-                   help="train LoRA adapters instead of the whole U-ViT")
-    g.add_argument("--lora-rank", type=int, default=16, help="inner width r of each adapter")
-    g.add_argument("--lora-alpha", type=float, default=32.0, help="the adapters' output is scaled by alpha / rank")
-    g.add_argument("--lora-targets", default="to_q,to_k,to_v",
-                   help="comma list: Linear layers whose names end with one of these get an adapter")
+    add_lora_flags(g, "train LoRA adapters instead of the whole U-ViT")
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=1e-4,
                    help="learning rate; the reference recipes: full 1e-4 (amused-256) or 8e-5 (512), LoRA 8e-4 "
