@@ -833,7 +833,7 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
 
 
 def add_lora_flags(g, what: str) -> None:
-    """On the argument group g: --lora (help: what), --lora-rank, --lora-alpha, --lora-targets (train.py, distill.py)."""
+    """On the argument group g: --lora (its help: what), --lora-rank, --lora-alpha, --lora-targets."""
     g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False, help=what)
     g.add_argument("--lora-rank", type=int, default=16, help="inner width r of each adapter")
     g.add_argument("--lora-alpha", type=float, default=32.0, help="the adapters' output is scaled by alpha / rank")
