@@ -319,8 +319,8 @@ def test_nan_logits_are_an_error_not_an_image(tiny, monkeypatch):
     """torch.multinomial rejects NaN probabilities on the host every step; we test once per generation."""
     _, ours, _ = tiny
     forward = ours.transformer.forward
-    def overflowing(ids, conds):
-        logits = forward(ids, conds)
+    def overflowing(ids, conds, embedding_noise=None):
+        logits = forward(ids, conds, embedding_noise)
         logits[0, 3, 1, 1] = float("nan")
         return logits
     monkeypatch.setattr(ours.transformer, "forward", overflowing)
