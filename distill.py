@@ -408,17 +408,16 @@ def log_progress(path: Path, rank: int, step: int, max_steps: int, losses: list[
 def main(teacher: str, out: str, prompts: str | None = None, prompt: str | None = None, variant: str | None = None,
          lora: bool = False, lora_rank: int = 16, lora_alpha: float = 32.0, lora_targets: str = "to_q,to_k,to_v",
          lr: float = 1e-5, fake_lr: float | None = None, fake_rounds: int = 1, warmup_steps: int = 100,
-         batch_size: int = 4,
-         max_steps: int = 1000, guidance: float | None = None, divergence: float = 0.0, mixed_precision: str = "no",
-         gradient_checkpointing: bool = False, ema: bool = False, ema_decay: float = 0.9999, save_every: int = 500,
-         log_every: int = 10, seed: int = 0, device: str = "auto", resume: bool = False) -> int:
+         batch_size: int = 4, max_steps: int = 1000, guidance: float | None = None, divergence: float = 0.0,
+         mixed_precision: str = "no", gradient_checkpointing: bool = False, ema: bool = False,
+         ema_decay: float = 0.9999, save_every: int = 500, log_every: int = 10, seed: int = 0, device: str = "auto",
+         resume: bool = False) -> int:
     """Distil; returns the number of steps done in all (less than max_steps when interrupted)."""
     out_dir = Path(out)
     check_settings(lr=lr, fake_lr=fake_lr, fake_rounds=fake_rounds, batch_size=batch_size, max_steps=max_steps,
-                   warmup_steps=warmup_steps,
-                   guidance=guidance, divergence=divergence, lora_rank=lora_rank, ema_decay=ema_decay,
-                   mixed_precision=mixed_precision, save_every=save_every, log_every=log_every, seed=seed,
-                   state_path=out_dir / STATE_FILE, resume=resume)
+                   warmup_steps=warmup_steps, guidance=guidance, divergence=divergence, lora_rank=lora_rank,
+                   ema_decay=ema_decay, mixed_precision=mixed_precision, save_every=save_every, log_every=log_every,
+                   seed=seed, state_path=out_dir / STATE_FILE, resume=resume)
     prompt_list = read_prompts(prompts, prompt)
     targets = [t for t in lora_targets.split(",") if t]
     rank, world, dev = train.torchrun_process(device)
