@@ -8,6 +8,8 @@ Distils on the ten captions (no images: Di[M]O needs prompts only), then judges,
 (an SVC fitted on the real training digits of --split-seed before anything is drawn; never tuned on these
 results) and examples/digits_samplers.py's measurement (judge_cell: 500 images a cell, the mean over --seeds):
   - the teacher at 12 steps, at guidance 4 (its best) and 10 (the pipeline's default): 24 U-ViT passes per image;
+  - the teacher with as few passes as the student, its own sampler: 1 step unguided (1 pass), 2 steps at guidance 4
+    (4 passes): what distillation has to beat;
   - the teacher drawn the student's way before any training (sampler dimo, 1 step): what distillation starts from;
   - the student at 1, 2 and 4 steps, unguided (sampler dimo): 1, 2 and 4 passes per image.
 For each: accuracy for the prompted digit, Frechet distance to the held-out digits, diversity (1 = as varied as
@@ -52,7 +54,11 @@ def rows() -> list[tuple[str, str, dict]]:
     """(row name, which model, pipeline keywords) of the table."""
     return ([(f"teacher, 12 steps, guidance {g:g}", "teacher", dict(steps=12, guidance_scale=g))
              for g in TEACHER_GUIDANCES]
-            + [("teacher drawn as a student (before training), 1 step", "teacher", dict(STUDENT, steps=1))]
+            + [("teacher, 1 step, no guidance (as few passes as the student's 1 step)", "teacher",
+                dict(steps=1, guidance_scale=1.0)),
+               ("teacher, 2 steps, guidance 4 (as many passes as the student's 4 steps)", "teacher",
+                dict(steps=2, guidance_scale=4.0)),
+               ("teacher drawn as a student (before training), 1 step", "teacher", dict(STUDENT, steps=1))]
             + [(f"student, {n} step{'s' * (n > 1)}", "student", dict(STUDENT, steps=n)) for n in STUDENT_STEPS])
 
 
@@ -80,7 +86,7 @@ def judge_all(teacher: str, student: str, per_class: int, seeds: list[int], spli
         t0 = time.perf_counter()
         cells[name] = digits_samplers.judge_cell(pipes[which], judge, x_test, y_test, per_class, seeds, call)
         c = cells[name]
-        print(f"  {name:55s} accuracy {c['accuracy']:.3f} Frechet {c['frechet']:6.1f} diversity "
+        print(f"  {name:70s} accuracy {c['accuracy']:.3f} Frechet {c['frechet']:6.1f} diversity "
               f"{c['diversity']:.2f} passes {c['passes']:2d} ({time.perf_counter() - t0:.1f} s)", flush=True)
     ceiling = dict(accuracy=float((judge.predict(x_test) == y_test).mean()),
                    frechet=digits.frechet_distance(x_train, x_test))
