@@ -30,8 +30,9 @@ Departures, and why:
     not from a shuffled loader: a resumed run or another process count draws the same prompts, as train.py's data.
   - The teacher's negative prompt is the empty one, what aMUSEd was trained to drop prompts to (the reference's
     Meissonic run has a tuned negative prompt).
-  - No gradient clipping and no NaN filtering: the reference clips only in fp16/bf16 and zeroes non-finite values;
-    here a non-finite loss stops the run, saying so (a silently zeroed step hides a broken run).
+  - No NaN filtering: the reference zeroes non-finite gradients; here a non-finite loss stops the run, saying so (a
+    silently zeroed step hides a broken run). The gradient clipping is the reference's: the student's gradient norm
+    clipped at 1 under --mixed-precision fp16 or bf16 only, the auxiliary model's never.
   - LoRA mode (--lora): the student and the auxiliary model are LoRA adapters (train.py's) on the teacher's weights,
     shared, not copied: one U-ViT in memory instead of three (the reference trains full copies).
   - EMA off by default (the reference keeps 0.9999): a digits run is 1,500 steps, where an EMA of that decay
@@ -76,6 +77,7 @@ FROZEN = ("embed", "mlm_layer")  # the reference's fix_emb_layer: the token embe
 STUDENT_DEFAULTS = {"sampler": "dimo", "steps": 1, "guidance_scale": 1.0}  # carried by the student's file
 LABEL_SMOOTHING = 0.1  # of the auxiliary model's cross-entropy, as the reference
 REMASK_RANGE = (0.02, 0.98)  # get_mask_code's r_min, r_max: the fraction of a draw re-masked
+MAX_GRAD_NORM = 1.0  # max_grad_norm: the student's gradient norm is clipped at this in fp16/bf16 (not in fp32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -449,6 +451,7 @@ def main(teacher: str, out: str, prompts: str | None = None, prompt: str | None 
                                   batch_size, world, ema, mixed_precision)
         step = load_state(out_dir / STATE_FILE, student, fake, settings, dev) if resume else 0
         autocast = train.autocast_context(mixed_precision, dev)
+        clip = None if mixed_precision == "no" else MAX_GRAD_NORM  # the reference: `if '16' in mixed_precision`
         n = sum(p.numel() for p in student_params.values())
         train.log_settings({
             "teacher": f"{teacher}, guidance {guide:g} against the empty prompt",
@@ -478,7 +481,7 @@ def main(teacher: str, out: str, prompts: str | None = None, prompt: str | None 
                 batch = prompt_batch(pipe, prompt_list, batch_size, g)
                 step_losses = [student_gradients(models, pipe, batch, empty, guide, divergence, g, autocast,
                                                  student.scaler)]
-                train.optimizer_step(student, train.lr_at(step, lr, warmup_steps), step, None, ema_decay)
+                train.optimizer_step(student, train.lr_at(step, lr, warmup_steps), step, clip, ema_decay)
                 for r in range(fake_rounds):
                     batch = prompt_batch(pipe, prompt_list, batch_size, g)
                     step_losses.append(auxiliary_gradients(models, pipe, batch, g, autocast, fake.scaler))

@@ -157,6 +157,17 @@ def test_full_run_learns_and_writes_a_one_step_pipeline(files, capsys):
         assert json.loads(f.metadata()["sampling_defaults"]) == distill.STUDENT_DEFAULTS
 
 
+def test_student_gradient_is_clipped_in_bf16_only(files, monkeypatch):
+    """As the reference: the student's gradient norm clipped at 1 under mixed precision, never in fp32; the
+    auxiliary model's never."""
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm, **kw: clipped.append(max_norm) or clip(params, max_norm, **kw))
+    assert run(files, "fp32", max_steps=2) == 2 and clipped == []
+    assert run(files, "bf16", max_steps=2, mixed_precision="bf16") == 2 and clipped == [distill.MAX_GRAD_NORM] * 2
+
+
 def test_lora_run_shares_the_teachers_weights(files):
     pipe = Amused.from_pretrained(files["hub"])
     t = pipe.transformer.requires_grad_(False)
