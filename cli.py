@@ -1,7 +1,8 @@
 """cli.py: what the command-line scripts (sample.py, train.py, convert_weights.py) share.
 
 One-line errors with exit code 2 and Ctrl-C without a traceback (`run`), the help layout, the --device rule, the
-dtype names, atomic file writes and image grids. Nothing here knows about the model.
+dtype names, durations and times left for progress lines, atomic file writes and image grids. Nothing here knows
+about the model.
 """
 import argparse
 import contextlib
@@ -81,6 +82,19 @@ def parse_shard(shard: str) -> tuple[int, int]:
     if m is None or not int(m[1]) < int(m[2]):
         raise UsageError(f"--shard must be i/n with 0 <= i < n, e.g. 0/4 for the first of 4 shares, got {shard!r}")
     return int(m[1]), int(m[2])
+
+
+def duration(seconds: float) -> str:
+    """12.3 s, 4 min 10 s, 2 h 46 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes = round(seconds) // 60
+    return f"{minutes} min {round(seconds) % 60} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
+
+
+def time_left(seconds: float, done: float, left: float) -> str:
+    """How long `left` more units of work will take, if they go at the pace of the `done` ones that took `seconds`."""
+    return duration(seconds / done * left) if done > 0 else "?"
 
 
 @contextlib.contextmanager

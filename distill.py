@@ -495,7 +495,7 @@ def main(teacher: str, out: str, prompts: str | None = None, prompt: str | None 
                 step += 1
                 stopping = stop_everywhere(len(stop), world)
                 if step % log_every == 0 or step == max_steps:
-                    eta = train.time_left(time.perf_counter() - started, step - first, max_steps - step)
+                    eta = cli.time_left(time.perf_counter() - started, step - first, max_steps - step)
                     log_progress(out_dir / LOG_FILE, rank, step, max_steps, losses, lr, time.perf_counter() - t_log,
                                  eta, dev)
                     t_log, losses = time.perf_counter(), []

@@ -387,14 +387,6 @@ def note_step_counts(job: Job, step_counts: list[int], n_tokens: int) -> None:
               f"tokens: the result is not better, only slower")
 
 
-def duration(seconds: float) -> str:
-    """12.3 s, 4 min 10 s, 2 h 46 min."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes = round(seconds) // 60
-    return f"{minutes} min {round(seconds) % 60} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
-
-
 class Progress:
     """The callback of one run: a line per step (tokens still masked, the step's time), after the run's first step
     an estimate of the time the rest will take, and with `history` the first image's tokens after every step."""
@@ -410,8 +402,8 @@ class Progress:
               f"({now - self.t_prev:.2f} s)", flush=True)
         left = self.n_steps - step - 1
         if self.first and left > 0:
-            print(f"  about {duration((now - self.t_prev) * left)} more for the other {left} step{'s' * (left > 1)} "
-                  f"(at this step's pace)", flush=True)
+            print(f"  about {cli.time_left(now - self.t_prev, 1, left)} more for the other {left} "
+                  f"step{'s' * (left > 1)} (at this step's pace)", flush=True)
         self.t_prev, self.first = now, False
         if self.history is not None:
             self.history.append(tokens[0].to("cpu", copy=True))  # a copy, even when already on the CPU
@@ -467,7 +459,7 @@ def generate_in_batches(pipe: Amused, job: Job, n_steps: int, seed: int, generat
         tokens = generate(pipe, replace(job, num_images=n), n_steps, generators, progress, output_type="tokens")
         images += decode_each(pipe, tokens)
         rate = len(images) / (time.perf_counter() - t0)
-        left = f", about {duration((job.num_images - len(images)) / rate)} left" if b < n_batches else ""
+        left = f", about {cli.duration((job.num_images - len(images)) / rate)} left" if b < n_batches else ""
         print(f"batch {b}/{n_batches}: {len(images)}/{job.num_images} images{left}", flush=True)
     return images
 

@@ -460,7 +460,7 @@ def generate(pipe: Amused, todo: list[list[Item]], out_dir: Path, generator_devi
                 write_image(out_dir / item.file, image, item.record())
             done += len(batch)
             rate = done / (time.perf_counter() - t0)
-            left = f", about {sample.duration((total - done) / rate)} left" if done < total else ""
+            left = f", about {cli.duration((total - done) / rate)} left" if done < total else ""
             print(f"{prefix}batch {b}/{len(todo)}: {len(batch)} image{'s' * (len(batch) > 1)}, {done}/{total} done, "
                   f"{rate:.3g} images/s{left}", flush=True)
             if stop and done < total:
@@ -606,6 +606,6 @@ def main(prompts: str, out_dir: str | None, prompt: str | None = None, batch_siz
 
     # 3. The summary, and the manifest once every process's images are there.
     rate = f" ({made / t_gen:.3g} images/s)" if made else ""
-    print(f"{prefix}made {made} image{'s' * (made != 1)} in {sample.duration(t_gen)}{rate}, "
-          f"{len(mine) - len(todo)} were there already; total {sample.duration(time.perf_counter() - t_start)}")
+    print(f"{prefix}made {made} image{'s' * (made != 1)} in {cli.duration(t_gen)}{rate}, "
+          f"{len(mine) - len(todo)} were there already; total {cli.duration(time.perf_counter() - t_start)}")
     report_folder(folder, items, prefix)

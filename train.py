@@ -98,7 +98,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 import cli
-import sample
 import uvit
 from amused import Amused
 from cli import UsageError, atomic_write
@@ -609,11 +608,6 @@ def end_distributed(world: int) -> None:
         dist.destroy_process_group()
 
 
-def time_left(seconds: float, done: float, left: float) -> str:
-    """How long `left` more units of work will take, if they go at the pace of the `done` ones that took `seconds`."""
-    return sample.duration(seconds / done * left) if done > 0 else "?"
-
-
 def log_progress(path: Path, rank: int, step: int, max_steps: int, losses: list[float], lr: float, images: int,
                  seconds: float, data_seconds: float, unreadable: int, device: torch.device, eta: str) -> None:
     """The progress line: the mean loss of the steps since the last one, the learning rate, speed, the time a step
@@ -812,7 +806,7 @@ def main(checkpoint: str, data: str, out: str, prompt: str | None = None, varian
                 if step % log_every == 0 or step == max_steps:
                     log_progress(out_dir / LOG_FILE, rank, step, max_steps, losses, lr_now, len(losses) * G,
                                  time.perf_counter() - t_log, totals.data_seconds - data_log, totals.unreadable, dev,
-                                 time_left(time.perf_counter() - t_run, step - step_run, max_steps - step))
+                                 cli.time_left(time.perf_counter() - t_run, step - step_run, max_steps - step))
                     t_log, data_log, losses = time.perf_counter(), totals.data_seconds, []
                 if totals.stopping:
                     break

@@ -69,7 +69,6 @@ import cli  # noqa: E402
 import clip_text  # noqa: E402
 import digits_figures  # noqa: E402 (examples/: the pictures)
 import prepare_data  # noqa: E402
-import sample  # noqa: E402
 import sampling  # noqa: E402
 import speed  # noqa: E402
 import train  # noqa: E402
@@ -285,7 +284,7 @@ def train_vq(images: torch.Tensor, recipe: Recipe, seed: int, beta: float = 0.25
         loss.backward()
         optimizer.step()
         if step % 100 == 0 or step == recipe.vq_steps - 1:
-            eta = train.time_left(time.perf_counter() - t0, step + 1, recipe.vq_steps - step - 1)
+            eta = cli.time_left(time.perf_counter() - t0, step + 1, recipe.vq_steps - step - 1)
             log(f"  VQ step {step + 1}/{recipe.vq_steps}: loss {loss.item():.5f}, ETA {eta}")
     return vq.eval().requires_grad_(False)
 
@@ -402,7 +401,7 @@ def evaluate(pipe: Amused, judge, x_train, y_train, x_test, y_test, recipe: Reci
         results[key] = judge_samples(judge, pixels, labels, x_test, y_test)
         log(f"  {key}: accuracy {results[key]['accuracy']:.3f} ({10 * recipe.per_class} images, "
             f"{time.perf_counter() - t0:.1f} s), ETA "
-            f"{train.time_left(time.perf_counter() - t_start, work_done, sum(work) - work_done)}")
+            f"{cli.time_left(time.perf_counter() - t_start, work_done, sum(work) - work_done)}")
     table = {}
     for steps in STEP_COUNTS:
         for guidance in GUIDANCES:
@@ -411,7 +410,7 @@ def evaluate(pipe: Amused, judge, x_train, y_train, x_test, y_test, recipe: Reci
             table[f"{steps},{guidance:g}"] = float((judge.predict(pixels) == labels).mean())
         log(f"  {steps:2d} steps: accuracy " + ", ".join(f"{table[f'{steps},{g:g}']:.3f}" for g in GUIDANCES)
             + f" at guidance {', '.join(f'{g:g}' for g in GUIDANCES)}, ETA "
-            + train.time_left(time.perf_counter() - t_start, work_done, sum(work) - work_done))
+            + cli.time_left(time.perf_counter() - t_start, work_done, sum(work) - work_done))
     results["accuracy by steps, guidance"] = table
     return results
 
@@ -539,7 +538,7 @@ def main(out: str, recipe: str = "full", seed: int = 0, figures: str | None = No
         digits_figures.samples_grid(pipe, pictures[0], seed, scale=digits_figures.SCALE)
         digits_figures.unmasking_gif(pipe, pictures[1], seed, scale=digits_figures.SCALE)
         finished(out_dir, run, "pictures", time.perf_counter() - t0)
-    log(f"total {sample.duration(results['seconds']['total'])} (the stages to the judged results, in all sessions)")
+    log(f"total {cli.duration(results['seconds']['total'])} (the stages to the judged results, in all sessions)")
     if figures:
         digits_figures.draw(out_dir, Path(figures), seed)
     return results

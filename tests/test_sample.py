@@ -446,11 +446,6 @@ def test_step_list_note_names_every_count(files, capsys):
                                   "least one token"), printed[-1]
 
 
-def test_duration():
-    assert [sample.duration(s) for s in (0.04, 59.9, 61, 3599, 3600, 9999.0)] == \
-        ["0.0 s", "59.9 s", "1 min 1 s", "59 min 59 s", "1 h 0 min", "2 h 46 min"]
-
-
 def test_ctrl_c_is_one_line_and_exit_130(files):
     """--steps 1000 on the 64-token model: a note says why that is no better, step 1 an estimate of the rest; a
     SIGINT then stops the run with one line `interrupted`, exit code 130, no traceback and no output file."""

@@ -45,6 +45,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import cli
 import train
 import uvit
 from amused import Amused
@@ -277,11 +278,16 @@ def test_overfits_two_captioned_images(files):
                            base.transformer.state_dict()["mlm_layer.conv2.weight"])
 
 
+def test_duration():
+    assert [cli.duration(s) for s in (0.04, 59.9, 61, 3599, 3600, 9999.0)] == \
+        ["0.0 s", "59.9 s", "1 min 1 s", "59 min 59 s", "1 h 0 min", "2 h 46 min"]
+
+
 def test_progress_line_has_an_eta(files, capsys):
     """Every progress line tells the time left: at the pace of the steps so far, down to 0 at the last step. The
     ETA is printed only: log.jsonl keeps its keys."""
-    assert train.time_left(10.0, 2, 6) == "30.0 s" and train.time_left(30.0, 1, 9) == "4 min 30 s"
-    assert train.time_left(0.0, 0, 5) == "?"
+    assert cli.time_left(10.0, 2, 6) == "30.0 s" and cli.time_left(30.0, 1, 9) == "4 min 30 s"
+    assert cli.time_left(0.0, 0, 5) == "?"
     run(files, "eta", max_steps=4)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     etas = [line.split(" ETA ")[1].split(" peak")[0] for line in lines]
