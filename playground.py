@@ -761,12 +761,12 @@ def main(checkpoint: str = "amused/amused-256", host: str = "127.0.0.1", port: i
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         pipe = sample.load(checkpoint, device, torch_dtype, variant, exact)
-        print("page defaults: " + ", ".join(f"{key} {pipe.sampling_defaults.get(key, sample.PIPELINE_DEFAULTS[key])}"
-                                             + (" (checkpoint)" if key in pipe.sampling_defaults else "")
-                                             for key in PAGE_DEFAULTS))
         # Everything the server writes goes here, and is removed at exit (even on Ctrl-C).
         with tempfile.TemporaryDirectory(prefix="amused-playground-", ignore_cleanup_errors=True) as folder:
             server.playground = Playground(pipe, Path(folder), checkpoint)
+            defaults, recommended = server.playground.defaults, list(pipe.sampling_defaults)
+            print("page defaults: " + ", ".join(f"{key} {sample.shown(defaults[key], [key], recommended)}"
+                                                 for key in PAGE_DEFAULTS))
             name, bound_port = server.server_address[:2]
             shown = "127.0.0.1" if name in EVERY_INTERFACE else f"[{name}]" if ":" in name else name
             print(f"serving on http://{shown}:{bound_port} (Ctrl-C to stop)", flush=True)
