@@ -25,6 +25,10 @@ Generator", ICCV 2025, arXiv 2503.15457; code yuanzhi-zhu/DiMO, train_DIMO_Meiss
     (fake_rounds; 1 in the reference's runs) of the auxiliary model, each on new prompts and a new draw.
   - The token embedding and the output layer (embed, mlm_layer) of both stay frozen (fix_emb_layer); Adam, no
     weight decay, a linear warm-up (100 steps), then constant (lr_scheduler constant_with_warmup).
+  - The reference's other knobs, as options whose defaults are its runs' (Objective): --teacher-temperature
+    (true_temp: the teacher's guided logits divided by it), --adaptive-guidance (adaptive_cfg: the scale
+    1 + (guidance - 1) r at a re-masked fraction r), --auxiliary-soft (alpha_fake: the auxiliary model also learns
+    the student's softmax, by KL, mean over codes), --student-temperature (gen_temp: the student draws at it).
 Departures, and why:
   - Prompts are drawn with replacement from the prompt list, by a generator seeded from (--seed, step, process),
     not from a shuffled loader: a resumed run or another process count draws the same prompts, as train.py's data.
@@ -37,6 +41,9 @@ Departures, and why:
     shared, not copied: one U-ViT in memory instead of three (the reference trains full copies).
   - EMA off by default (the reference keeps 0.9999): a digits run is 1,500 steps, where an EMA of that decay
     would still be the teacher. --ema turns it on.
+  - --auxiliary-soft's target is the softmax the student's tokens are drawn from (at --student-temperature); the
+    reference divides by a separate temperature_fake (1 in its configs): the same whenever gen_temp is 1.
+  - The adaptive guidance's r is the fraction actually re-masked (the rounded count over L), not the drawn ratio.
   - No gradient accumulation: the reference's Meissonic run accumulates 8 batches of 2 on one GPU; here the same
     16 is 2 per process on 8 processes (README, "One pass").
 
@@ -102,28 +109,51 @@ def flat_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits.reshape(B, K, -1).permute(0, 2, 1).float()
 
 
-def student_draw(student, conds: uvit.Conditions, B: int, grid: tuple[int, int], mask_id: int,
-                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def student_draw(student, conds: uvit.Conditions, B: int, grid: tuple[int, int], mask_id: int, temperature: float,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The one-step generator: its start (sampling.dimo_start), one pass, a draw at every position from the
-    softmax. -> (logits (B, L, K) float32, with the graph when grad is on; the drawn tokens (B, h, w))."""
+    softmax at temperature. -> (logits (B, L, K) float32, with the graph when grad is on; the probabilities drawn
+    from (B, L, K); the drawn tokens (B, h, w))."""
     h, w = grid
     module = student.module if hasattr(student, "module") else student  # DDP's wrapped U-ViT
     start, noise = sampling.dimo_start(B, h, w, module, mask_id, generator, conds.cond.device)
     logits = flat_logits(student(start, conds, noise))  # (B, L, K)
     K = logits.shape[-1]
     exponential = torch.empty(B * h * w, K, device=generator.device).exponential_(1, generator=generator)
-    drawn = sampling.sample_categorical(logits.detach().softmax(-1).view(-1, K), exponential.to(logits.device))
-    return logits, drawn.view(B, h, w)
+    probs = (logits.detach() / temperature).softmax(-1)
+    drawn = sampling.sample_categorical(probs.view(-1, K), exponential.to(logits.device))
+    return logits, probs, drawn.view(B, h, w)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the student is moved towards. The reference's names in brackets."""
+    guidance: float = 4.0  # the teacher's classifier-free guidance scale against the empty prompt (true_cfg)
+    adaptive_guidance: bool = False  # the scale ramped with the re-masked fraction r: 1 + (guidance - 1) r
+    #                                  (adaptive_cfg)
+    teacher_temperature: float = 1.0  # the teacher's guided logits divided by this (true_temp)
+    divergence: float = 0.0  # the reverse KL's weight, the forward KL's 1 - this (distil_loss_type Jeffreys_<beta>)
+    auxiliary_soft: float = 0.0  # the auxiliary model's target: the student's softmax with this weight, the drawn
+    #                               tokens with 1 - this (alpha_fake)
+    student_temperature: float = 1.0  # the student draws from its softmax at this temperature (gen_temp)
+
+
+def guidance_scales(objective: Objective, masked: torch.Tensor) -> torch.Tensor:
+    """The teacher's guidance scale per image (B,) for re-masked positions masked (B, h, w)."""
+    g = torch.full((masked.shape[0],), objective.guidance, device=masked.device)
+    return 1 + (g - 1) * masked.flatten(1).float().mean(1) if objective.adaptive_guidance else g
 
 
 @torch.no_grad()
-def guided_logits(model: uvit.UViT, tokens: torch.Tensor, conds: uvit.Conditions, guidance: float) -> torch.Tensor:
-    """The model's logits (B, L, K) for tokens (B, h, w): with guidance > 1, conds are [negative; prompts] (2B) and
-    the result uncond + guidance * (cond - uncond), as the sampler (sampling.sampling_step); else conds are B."""
-    if guidance <= 1:
+def guided_logits(model: uvit.UViT, tokens: torch.Tensor, conds: uvit.Conditions,
+                  guidance: torch.Tensor | None) -> torch.Tensor:
+    """The model's logits (B, L, K) for tokens (B, h, w): with guidance (B,) scales, conds are [negative; prompts]
+    (2B) and the result uncond + guidance * (cond - uncond), as the sampler (sampling.sampling_step); with None,
+    conds are B."""
+    if guidance is None:
         return flat_logits(model(tokens, conds))
     uncond, cond = flat_logits(model(torch.cat([tokens, tokens]), conds)).chunk(2)
-    return uncond + guidance * (cond - uncond)
+    return uncond + guidance.view(-1, 1, 1) * (cond - uncond)
 
 
 def divergence_gradient(true_logits: torch.Tensor, fake_logits: torch.Tensor, beta: float) -> torch.Tensor:
@@ -149,14 +179,22 @@ def distribution_matching_loss(logits: torch.Tensor, true_logits: torch.Tensor, 
     return 0.5 * F.mse_loss(logits, (logits - grad).detach(), reduction="sum") / logits.shape[0]
 
 
-def auxiliary_loss(fake, tokens: torch.Tensor, conds: uvit.Conditions, mask_id: int,
-                   generator: torch.Generator) -> torch.Tensor:
-    """The auxiliary model's loss on the student's draw tokens (B, h, w): re-masked (remask), the cross-entropy of
-    its predictions at the masked positions against the drawn tokens, label smoothing 0.1, mean over them."""
+def auxiliary_loss(fake, tokens: torch.Tensor, probs: torch.Tensor, conds: uvit.Conditions, mask_id: int,
+                   soft: float, generator: torch.Generator) -> torch.Tensor:
+    """The auxiliary model's loss on the student's draw tokens (B, h, w), drawn from its softmax probs (B, L, K):
+    re-masked (remask), at the masked positions the cross-entropy against the drawn tokens (label smoothing 0.1)
+    and, weighted by soft, the KL from the student's softmax (mean over codes, as the reference), both means
+    over the masked positions. Both have the same minimiser, the student's distribution given x_t; the soft one
+    with less noise: it averages over the draws the hard one samples."""
     x_t, masked = remask(tokens, mask_id, generator)
+    logits = flat_logits(fake(x_t, conds))  # (B, L, K)
     labels = torch.where(masked, tokens, train.IGNORE)
-    return F.cross_entropy(flat_logits(fake(x_t, conds)).flatten(0, 1), labels.flatten(), ignore_index=train.IGNORE,
+    hard = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=train.IGNORE,
                            label_smoothing=LABEL_SMOOTHING)
+    if soft == 0:
+        return hard
+    kl = F.kl_div(logits.log_softmax(-1), probs, reduction="none").mean(-1)  # (B, L)
+    return soft * kl[masked.flatten(1)].mean() + (1 - soft) * hard
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,9 +277,9 @@ def prompt_batch(pipe: Amused, prompts: list[str], B: int, generator: torch.Gene
 
 @torch.no_grad()
 def teacher_conditions(teacher: uvit.UViT, batch: PromptBatch, empty: tuple[torch.Tensor, torch.Tensor],
-                       guidance: float) -> uvit.Conditions:
-    """The teacher's conditions: [empty prompt; prompts] (2B) with guidance, the prompts alone without."""
-    if guidance <= 1:
+                       guided: bool) -> uvit.Conditions:
+    """The teacher's conditions: [empty prompt; prompts] (2B) when guided, the prompts alone otherwise."""
+    if not guided:
         return teacher.encode_conditions(batch.hidden, batch.pooled, batch.micro)
     B = batch.hidden.shape[0]
     hidden = torch.cat([empty[0].expand(B, -1, -1), batch.hidden])
@@ -262,35 +300,41 @@ class Models:
     fake_raw: uvit.UViT
 
 
-def student_gradients(m: Models, pipe: Amused, batch: PromptBatch, empty, guidance: float, divergence: float,
+def student_gradients(m: Models, pipe: Amused, batch: PromptBatch, empty, objective: Objective,
                       generator: torch.Generator, autocast, scaler: torch.amp.GradScaler) -> float:
     """The student's gradients of one step: draw, re-mask, and move its logits towards the teacher's guided
     prediction, away from the auxiliary model's (DDP averages them over the processes; scaler: fp16 loss scaling, a
     no-op otherwise). -> its loss."""
     B, grid = batch.hidden.shape[0], (m.teacher.cfg.sample_size,) * 2
+    guided = objective.guidance > 1
     with autocast:
         conds = m.student_raw.encode_conditions(batch.hidden, batch.pooled, batch.micro)
-        logits, drawn = student_draw(m.student, conds, B, grid, pipe.mask_id, generator)
+        logits, _, drawn = student_draw(m.student, conds, B, grid, pipe.mask_id, objective.student_temperature,
+                                        generator)
         x_t, masked = remask(drawn, pipe.mask_id, generator)
-        true_logits = guided_logits(m.teacher, x_t, teacher_conditions(m.teacher, batch, empty, guidance), guidance)
+        true_logits = guided_logits(m.teacher, x_t, teacher_conditions(m.teacher, batch, empty, guided),
+                                    guidance_scales(objective, masked) if guided else None)
         with torch.no_grad():
             fake_conds = m.fake_raw.encode_conditions(batch.hidden, batch.pooled, batch.micro)
             fake_logits = flat_logits(m.fake_raw(x_t, fake_conds))
-    loss = distribution_matching_loss(logits, true_logits, fake_logits, masked, divergence)
+    loss = distribution_matching_loss(logits, true_logits / objective.teacher_temperature, fake_logits, masked,
+                                      objective.divergence)
     scaler.scale(loss).backward()
     return loss.item()
 
 
-def auxiliary_gradients(m: Models, pipe: Amused, batch: PromptBatch, generator: torch.Generator, autocast,
-                        scaler: torch.amp.GradScaler) -> float:
-    """The auxiliary model's gradients of one update: the cross-entropy on what the student draws now. -> its loss."""
+def auxiliary_gradients(m: Models, pipe: Amused, batch: PromptBatch, objective: Objective,
+                        generator: torch.Generator, autocast, scaler: torch.amp.GradScaler) -> float:
+    """The auxiliary model's gradients of one update: learning what the student draws now. -> its loss."""
     B, grid = batch.hidden.shape[0], (m.teacher.cfg.sample_size,) * 2
     with autocast:
         with torch.no_grad():
             conds = m.student_raw.encode_conditions(batch.hidden, batch.pooled, batch.micro)
-            _, drawn = student_draw(m.student_raw, conds, B, grid, pipe.mask_id, generator)
+            _, probs, drawn = student_draw(m.student_raw, conds, B, grid, pipe.mask_id, objective.student_temperature,
+                                           generator)
         fake_conds = m.fake_raw.encode_conditions(batch.hidden, batch.pooled, batch.micro)
-        loss = auxiliary_loss(m.fake, drawn, fake_conds, pipe.mask_id, generator)
+        loss = auxiliary_loss(m.fake, drawn, probs, fake_conds, pipe.mask_id, objective.auxiliary_soft,
+                              generator)
     scaler.scale(loss).backward()
     return loss.item()
 
@@ -309,7 +353,11 @@ class ResumeSettings:
     lora_alpha: float | None
     lora_targets: tuple[str, ...] | None
     guidance: float
+    adaptive_guidance: bool
+    teacher_temperature: float
     divergence: float
+    auxiliary_soft: float
+    student_temperature: float
     fake_rounds: int
     seed: int
     batch_size: int
@@ -340,6 +388,13 @@ def load_state(path: Path, student: train.TrainingState, fake: train.TrainingSta
     return saved["step"]
 
 
+def student_defaults(settings: ResumeSettings) -> dict:
+    """The sampling defaults the student's file carries: one step of the dimo sampler, unguided, at the softmax
+    temperature it was trained to draw at."""
+    t = settings.student_temperature
+    return dict(STUDENT_DEFAULTS, **({"softmax_temperature": t} if t != 1 else {}))
+
+
 def save(out_dir: Path, step: int, models: Models, student: train.TrainingState, fake: train.TrainingState,
          settings: ResumeSettings, pipe: Amused, rank: int) -> None:
     """checkpoint.pt, then the student (its EMA with --ema, LoRA folded in) as a whole pipeline carrying its sampling
@@ -348,7 +403,7 @@ def save(out_dir: Path, step: int, models: Models, student: train.TrainingState,
         save_state(out_dir / STATE_FILE, step, student, fake, settings)
         with train.swapped_in(list(student.params.values()), student.ema):
             one_step = copy.copy(pipe)  # the teacher's pipeline, the student's U-ViT and sampling defaults
-            one_step.transformer, one_step.sampling_defaults = merged(models.student_raw), dict(STUDENT_DEFAULTS)
+            one_step.transformer, one_step.sampling_defaults = merged(models.student_raw), student_defaults(settings)
         train.save_model(out_dir / MODEL_FILE, one_step)
         train.log(f"saved step {step}: {out_dir / STATE_FILE}, {out_dir / MODEL_FILE}", rank)
     if settings.world_size > 1:
@@ -360,7 +415,8 @@ def save(out_dir: Path, step: int, models: Models, student: train.TrainingState,
 
 
 def check_settings(*, lr: float, fake_lr: float | None, fake_rounds: int, batch_size: int, max_steps: int,
-                   warmup_steps: int, guidance: float | None, divergence: float, lora_rank: int, ema_decay: float,
+                   warmup_steps: int, guidance: float | None, teacher_temperature: float, divergence: float,
+                   auxiliary_soft: float, student_temperature: float, lora_rank: int, ema_decay: float,
                    mixed_precision: str, save_every: int, log_every: int, seed: int, state_path: Path,
                    resume: bool) -> None:
     """UsageError for settings we cannot distil with: checked before anything slow."""
@@ -370,7 +426,11 @@ def check_settings(*, lr: float, fake_lr: float | None, fake_rounds: int, batch_
          "--batch-size, --log-every, --lora-rank and --fake-rounds must be >= 1"),
         (min(max_steps, warmup_steps, save_every) >= 0, "--max-steps, --warmup-steps and --save-every must be >= 0"),
         (guidance is None or guidance >= 0, f"--guidance must be >= 0, got {guidance}"),
+        (teacher_temperature > 0 and student_temperature > 0,
+         f"--teacher-temperature and --student-temperature must be > 0, got {teacher_temperature}, "
+         f"{student_temperature}"),
         (0 <= divergence <= 1, f"--divergence is a weight in [0, 1], got {divergence}"),
+        (0 <= auxiliary_soft <= 1, f"--auxiliary-soft is a weight in [0, 1], got {auxiliary_soft}"),
         (0 <= ema_decay < 1, f"--ema-decay must be in [0, 1), got {ema_decay}"),
         (mixed_precision in train.MIXED_PRECISION, f"--mixed-precision must be one of {list(train.MIXED_PRECISION)}"),
         (0 <= seed < 2**30, f"--seed must be in [0, 2**30), got {seed}"),
@@ -410,16 +470,18 @@ def log_progress(path: Path, rank: int, step: int, max_steps: int, losses: list[
 def main(teacher: str, out: str, prompts: str | None = None, prompt: str | None = None, variant: str | None = None,
          lora: bool = False, lora_rank: int = 16, lora_alpha: float = 32.0, lora_targets: str = "to_q,to_k,to_v",
          lr: float = 1e-5, fake_lr: float | None = None, fake_rounds: int = 1, warmup_steps: int = 100,
-         batch_size: int = 4, max_steps: int = 1000, guidance: float | None = None, divergence: float = 0.0,
-         mixed_precision: str = "no", gradient_checkpointing: bool = False, ema: bool = False,
-         ema_decay: float = 0.9999, save_every: int = 500, log_every: int = 10, seed: int = 0, device: str = "auto",
-         resume: bool = False) -> int:
+         batch_size: int = 4, max_steps: int = 1000, guidance: float | None = None, adaptive_guidance: bool = False,
+         teacher_temperature: float = 1.0, divergence: float = 0.0, auxiliary_soft: float = 0.0,
+         student_temperature: float = 1.0, mixed_precision: str = "no", gradient_checkpointing: bool = False,
+         ema: bool = False, ema_decay: float = 0.9999, save_every: int = 500, log_every: int = 10, seed: int = 0,
+         device: str = "auto", resume: bool = False) -> int:
     """Distil; returns the number of steps done in all (less than max_steps when interrupted)."""
     out_dir = Path(out)
     check_settings(lr=lr, fake_lr=fake_lr, fake_rounds=fake_rounds, batch_size=batch_size, max_steps=max_steps,
-                   warmup_steps=warmup_steps, guidance=guidance, divergence=divergence, lora_rank=lora_rank,
-                   ema_decay=ema_decay, mixed_precision=mixed_precision, save_every=save_every, log_every=log_every,
-                   seed=seed, state_path=out_dir / STATE_FILE, resume=resume)
+                   warmup_steps=warmup_steps, guidance=guidance, teacher_temperature=teacher_temperature,
+                   divergence=divergence, auxiliary_soft=auxiliary_soft, student_temperature=student_temperature,
+                   lora_rank=lora_rank, ema_decay=ema_decay, mixed_precision=mixed_precision, save_every=save_every,
+                   log_every=log_every, seed=seed, state_path=out_dir / STATE_FILE, resume=resume)
     prompt_list = read_prompts(prompts, prompt)
     targets = [t for t in lora_targets.split(",") if t]
     rank, world, dev = train.torchrun_process(device)
@@ -444,18 +506,23 @@ def main(teacher: str, out: str, prompts: str | None = None, prompt: str | None 
                                       scaler(), [p.detach().clone() for p in student_params.values()] if ema else None)
         fake = train.TrainingState(fake_params, train.make_optimizer(fake_params, "adamw", fake_lr or lr, 0.0),
                                    scaler(), None)
-        guide = teacher_guidance(pipe, guidance)
+        objective = Objective(teacher_guidance(pipe, guidance), adaptive_guidance, teacher_temperature, divergence,
+                              auxiliary_soft, student_temperature)
         settings = ResumeSettings(teacher, tuple(prompt_list), lora, lora_rank if lora else None,
-                                  lora_alpha if lora else None, tuple(targets) if lora else None, guide,
-                                  divergence, fake_rounds, seed,
-                                  batch_size, world, ema, mixed_precision)
+                                  lora_alpha if lora else None, tuple(targets) if lora else None,
+                                  *dataclasses.astuple(objective), fake_rounds, seed, batch_size, world, ema,
+                                  mixed_precision)
         step = load_state(out_dir / STATE_FILE, student, fake, settings, dev) if resume else 0
         autocast = train.autocast_context(mixed_precision, dev)
         clip = None if mixed_precision == "no" else MAX_GRAD_NORM  # the reference: `if '16' in mixed_precision`
         n = sum(p.numel() for p in student_params.values())
         train.log_settings({
-            "teacher": f"{teacher}, guidance {guide:g} against the empty prompt",
+            "teacher": (f"{teacher}, guidance {objective.guidance:g}"
+                        f"{' ramped with the masked fraction' * adaptive_guidance} against the empty prompt, "
+                        f"temperature {teacher_temperature:g}"),
             "divergence": f"{1 - divergence:g} forward KL + {divergence:g} reverse KL",
+            "auxiliary": f"learns the student's draws x {1 - auxiliary_soft:g} + its softmax x {auxiliary_soft:g}",
+            "student": f"draws at softmax temperature {student_temperature:g}",
             "mode": (f"LoRA rank {lora_rank}, alpha {lora_alpha:g} on {len(student_params) // 2} layers "
                      f"({', '.join(targets)}), student and auxiliary on the teacher's weights" if lora
                      else "full: the student and the auxiliary model are copies of the teacher"),
@@ -479,12 +546,11 @@ def main(teacher: str, out: str, prompts: str | None = None, prompt: str | None 
                 # model's, each on new prompts (all drawn from the step's generator)
                 g = step_generator(seed, step, rank)
                 batch = prompt_batch(pipe, prompt_list, batch_size, g)
-                step_losses = [student_gradients(models, pipe, batch, empty, guide, divergence, g, autocast,
-                                                 student.scaler)]
+                step_losses = [student_gradients(models, pipe, batch, empty, objective, g, autocast, student.scaler)]
                 train.optimizer_step(student, train.lr_at(step, lr, warmup_steps), step, clip, ema_decay)
                 for r in range(fake_rounds):
                     batch = prompt_batch(pipe, prompt_list, batch_size, g)
-                    step_losses.append(auxiliary_gradients(models, pipe, batch, g, autocast, fake.scaler))
+                    step_losses.append(auxiliary_gradients(models, pipe, batch, objective, g, autocast, fake.scaler))
                     k = step * fake_rounds + r  # the auxiliary model's update count
                     train.optimizer_step(fake, train.lr_at(k, fake_lr or lr, warmup_steps * fake_rounds), k, None,
                                          0.0)
@@ -539,6 +605,16 @@ if __name__ == "__main__":
     g.add_argument("--guidance", type=float, default=None,
                    help="the teacher's classifier-free guidance scale (default: what the teacher's file recommends, "
                         "else 4, the reference's Meissonic run)")
+    g.add_argument("--adaptive-guidance", action=argparse.BooleanOptionalAction, default=False,
+                   help="ramp the teacher's guidance with the fraction re-masked: 1 + (guidance - 1) r (adaptive_cfg)")
+    g.add_argument("--teacher-temperature", type=float, default=1.0,
+                   help="divide the teacher's guided logits by this (true_temp): below 1, a surer target")
+    g.add_argument("--auxiliary-soft", type=float, default=0.0,
+                   help="the auxiliary model learns the student's softmax with this weight, its drawn tokens with "
+                        "1 - this (alpha_fake; 0 in the reference's runs): the same target with less noise")
+    g.add_argument("--student-temperature", type=float, default=1.0,
+                   help="the student draws at this softmax temperature while it learns (gen_temp), and its file "
+                        "asks the sampler for the same")
     g.add_argument("--divergence", type=float, default=0.0,
                    help="what the student matches the teacher by: 0, the forward KL (mode covering, the reference's "
                         "runs); 1, the reverse KL (mode seeking: surer, less varied); between, a mix (Jeffreys)")

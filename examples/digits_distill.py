@@ -13,9 +13,11 @@ results) and examples/digits_samplers.py's measurement (judge_cell: 500 images a
   - the teacher drawn the student's way before any training (sampler dimo, 1 step): what distillation starts from;
   - the student at 1, 2 and 4 steps, unguided (sampler dimo): 1, 2 and 4 passes per image.
 For each: accuracy for the prompted digit, Frechet distance to the held-out digits, diversity (1 = as varied as
-the real digits of a class), passes per image. The targets (README, "One step"): the 1-step student within 3
-points of the teacher's best accuracy, a Frechet distance no worse than the teacher's at guidance 10, and a
-diversity of at least half the teacher's (a student that draws one digit per class fails, whatever its accuracy).
+the real digits of a class), passes per image, and a diagnosis beside the judge: the share of implausible tokens
+(implausible_share: those the teacher, shown all the others, gives under 10%; tokens that disagree score high).
+The targets (README, "One step"): the 1-step student within 3 points of the teacher's best accuracy, a Frechet
+distance no worse than the teacher's at guidance 10, and a diversity of at least half the teacher's (a student
+that draws one digit per class fails, whatever its accuracy).
 
 Writes DIR/prompts.txt, distill.py's output (DIR/model.safetensors, checkpoint.pt, log.jsonl), DIR/results.json,
 DIR/results.md and DIR/teacher-vs-student.png (a column per digit: the teacher at 12 steps, the student in one
@@ -48,6 +50,8 @@ RECIPE = dict(lr=1e-4, batch_size=16, max_steps=1500, warmup_steps=50, save_ever
 TEACHER_GUIDANCES = (4.0, 10.0)
 STUDENT_STEPS = (1, 2, 4)
 STUDENT = dict(sampler="dimo", guidance_scale=1.0)  # unguided: one pass a step
+IMPLAUSIBLE = 0.1  # a drawn token the teacher gives less than this, all the other tokens seen, is implausible
+IMPLAUSIBLE_PER_CLASS = 10  # images per digit it is measured on: 64 teacher passes per image
 
 
 def rows() -> list[tuple[str, str, dict]]:
@@ -77,6 +81,35 @@ def distil(teacher: str, out: Path) -> float:
     return time.perf_counter() - t0
 
 
+@torch.no_grad()
+def implausible_share(teacher: Amused, tokens: torch.Tensor, prompts: list[str], guidance: float = 4.0) -> float:
+    """The share of drawn tokens (B, h, w) that the teacher, guided as at its best, finds implausible given all the
+    others: each position masked alone, its probability of the drawn token under IMPLAUSIBLE. Not the judge's: a
+    diagnosis of why a drawing fails. Tokens drawn independently of each other score high; a coherent drawing
+    scores as low as the teacher's own."""
+    B, h, w = tokens.shape
+    t, flat = teacher.transformer, tokens.reshape(B, -1)
+    hidden, pooled = teacher.encode_prompt(prompts)
+    micro = torch.tensor([teacher.resolution, teacher.resolution, 0, 0, 6.0]).expand(B, -1)
+    conds = distill.teacher_conditions(t, distill.PromptBatch(hidden, pooled, micro), teacher.encode_prompt([""]),
+                                       guided=True)
+    implausible = 0
+    for i in range(h * w):
+        alone = flat.clone()
+        alone[:, i] = teacher.mask_id  # position i masked, every other token seen
+        logits = distill.guided_logits(t, alone.view(B, h, w), conds, torch.full((B,), guidance))[:, i]  # (B, K)
+        implausible += int((logits.softmax(-1).gather(1, flat[:, i:i + 1]) < IMPLAUSIBLE).sum())
+    return implausible / flat.numel()
+
+
+def implausible_cell(teacher: Amused, pipe: Amused, per_class: int, seed: int, call: dict) -> float:
+    """implausible_share of the first per_class (at most IMPLAUSIBLE_PER_CLASS) drawings of each digit of a cell."""
+    per_class = min(per_class, IMPLAUSIBLE_PER_CLASS)
+    tokens = pipe(digits.CAPTIONS, num_images_per_prompt=per_class, generator=torch.Generator().manual_seed(seed),
+                  output_type="tokens", **call)  # [p0..p9, p0..p9, ...], as digits_samplers.draw
+    return implausible_share(teacher, tokens, digits.CAPTIONS * per_class)
+
+
 def judge_all(teacher: str, student: str, per_class: int, seeds: list[int], split_seed: int) -> dict:
     x_train, y_train, x_test, y_test = digits.load_digits(split_seed)
     judge = digits.fit_judge(x_train, y_train)  # fixed before anything is drawn
@@ -86,8 +119,10 @@ def judge_all(teacher: str, student: str, per_class: int, seeds: list[int], spli
         t0 = time.perf_counter()
         cells[name] = digits_samplers.judge_cell(pipes[which], judge, x_test, y_test, per_class, seeds, call)
         c = cells[name]
+        c["implausible"] = implausible_cell(pipes["teacher"], pipes[which], per_class, seeds[0], call)
         print(f"  {name:70s} accuracy {c['accuracy']:.3f} Frechet {c['frechet']:6.1f} diversity "
-              f"{c['diversity']:.2f} passes {c['passes']:2d} ({time.perf_counter() - t0:.1f} s)", flush=True)
+              f"{c['diversity']:.2f} implausible {c['implausible']:.3f} passes {c['passes']:2d} "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)
     ceiling = dict(accuracy=float((judge.predict(x_test) == y_test).mean()),
                    frechet=digits.frechet_distance(x_train, x_test))
     return dict(cells=cells, ceiling=ceiling)
@@ -104,15 +139,19 @@ def verdict(cells: dict) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| model, sampler | accuracy | Frechet distance | diversity | U-ViT passes per image |",
-             "|---|---|---|---|---|"]
+    lines = ["| model, sampler | accuracy | Frechet distance | diversity | implausible tokens "
+             "| U-ViT passes per image |", "|---|---|---|---|---|---|"]
     for name, c in results["cells"].items():
-        lines.append(f"| {name} | {c['accuracy']:.3f} | {c['frechet']:.0f} | {c['diversity']:.2f} | {c['passes']} |")
+        lines.append(f"| {name} | {c['accuracy']:.3f} | {c['frechet']:.0f} | {c['diversity']:.2f} | "
+                     f"{c['implausible']:.2f} | {c['passes']} |")
     c = results["ceiling"]
-    lines.append(f"| real held-out digits (ceiling) | {c['accuracy']:.3f} | {c['frechet']:.1f} (real vs real) | 1 | |")
+    lines.append(f"| real held-out digits (ceiling) | {c['accuracy']:.3f} | {c['frechet']:.1f} (real vs real) | 1 "
+                 "| | |")
     lines += ["", f"{10 * results['per_class']} images a cell, mean of sampling seeds {results['seeds']}; "
-              f"distillation: {results['recipe']}, {results['distill_seconds'] / 60:.1f} min on {results['cpu']}.",
-              ""] + [f"- {'met' if ok else 'NOT met'}: {target}" for target, ok in results["verdict"].items()]
+              f"distillation: {results['recipe']}, {results['distill_seconds'] / 60:.1f} min on {results['cpu']}. "
+              f"Implausible tokens ({IMPLAUSIBLE_PER_CLASS} images per digit, seed {results['seeds'][0]}): the share "
+              f"the teacher at guidance 4 gives under {IMPLAUSIBLE:g} given all the others.", ""]
+    lines += [f"- {'met' if ok else 'NOT met'}: {target}" for target, ok in results["verdict"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -249,8 +249,9 @@ def test_digits_distill_distils_judges_and_draws(quick_run, tmp_path, monkeypatc
     cells = results["cells"]
     assert list(cells) == [name for name, _, _ in digits_distill.rows()]
     assert [c["passes"] for c in cells.values()] == [24, 24, 1, 4, 1, 1, 2, 4]
-    assert all(0 <= c["accuracy"] <= 1 and c["frechet"] > 0 for c in cells.values())
+    assert all(0 <= c["accuracy"] <= 1 and c["frechet"] > 0 and 0 <= c["implausible"] <= 1 for c in cells.values())
     assert set(results["verdict"].values()) <= {True, False} and results["distill_seconds"] > 0
+    assert "| implausible tokens |" in (student / "results.md").read_text()
     assert Amused.from_pretrained(student / "model.safetensors").sampling_defaults["steps"] == 1
     assert Image.open(student / "teacher-vs-student.png").size[0] > 0 and (student / "results.md").is_file()
     monkeypatch.setattr(digits_distill.distill, "main", lambda *a, **k: pytest.fail("trained again"))
@@ -258,3 +259,9 @@ def test_digits_distill_distils_judges_and_draws(quick_run, tmp_path, monkeypatc
     assert again["distill_seconds"] == results["distill_seconds"]
     with pytest.raises(digits.cli.UsageError, match="no such file"):
         digits_distill.main(str(tmp_path / "missing.safetensors"), str(student))
+    # the diagnosis counts every token: none under a threshold of 0, all under one above 1
+    pipe = Amused.from_pretrained(teacher)
+    tokens = pipe(digits.CAPTIONS[:3], steps=2, output_type="tokens", generator=torch.Generator().manual_seed(0))
+    for threshold, share in ((0.0, 0.0), (1.01, 1.0)):
+        monkeypatch.setattr(digits_distill, "IMPLAUSIBLE", threshold)
+        assert digits_distill.implausible_share(pipe, tokens, digits.CAPTIONS[:3]) == share

@@ -96,6 +96,40 @@ def test_remask_counts_follow_the_reference_formula():
     assert masked.float().mean(0).std() < 0.1  # no place preferred
 
 
+def test_auxiliary_soft_target_is_the_kl_from_the_students_softmax():
+    """alpha_fake: weight 1, the KL from the student's softmax to the auxiliary model's, mean over codes (as the
+    reference), mean over the re-masked positions; 0, the hard cross-entropy on the drawn tokens; between, the mix."""
+    torch.manual_seed(0)
+    B, K, h, w = 3, 7, 4, 4
+    fixed = torch.randn(B, K, h, w)
+    tokens, probs = torch.randint(0, K, (B, h, w)), torch.randn(B, h * w, K).softmax(-1)
+
+    def loss(soft):
+        return distill.auxiliary_loss(lambda x_t, conds: fixed, tokens, probs, None, 99, soft,
+                                      torch.Generator().manual_seed(0))
+
+    _, masked = distill.remask(tokens, 99, torch.Generator().manual_seed(0))
+    m = masked.view(B, -1)
+    log_q = fixed.view(B, K, -1).permute(0, 2, 1).log_softmax(-1)
+    per_position = ((probs * (probs.log() - log_q)).sum(-1) / K)[m]
+    soft = per_position.mean()
+    hard = F.cross_entropy(log_q[m], tokens.view(B, -1)[m], label_smoothing=distill.LABEL_SMOOTHING)
+    assert_nontrivial("the soft loss per position", per_position)
+    torch.testing.assert_close(loss(1.0), soft)
+    torch.testing.assert_close(loss(0.0), hard)
+    torch.testing.assert_close(loss(0.25), 0.25 * soft + 0.75 * hard)
+
+
+def test_adaptive_guidance_ramps_with_the_masked_fraction():
+    """adaptive_cfg: 1 + (guidance - 1) * the fraction re-masked, per image; off: the scale for every image."""
+    masked = torch.zeros(3, 4, 4, dtype=torch.bool)
+    masked[0, :2] = True  # 8 of 16
+    masked[2] = True
+    adaptive = distill.guidance_scales(distill.Objective(guidance=5.0, adaptive_guidance=True), masked)
+    assert torch.equal(adaptive, torch.tensor([3.0, 1.0, 5.0]))
+    assert torch.equal(distill.guidance_scales(distill.Objective(guidance=5.0), masked), torch.full((3,), 5.0))
+
+
 def test_dimo_start_draws_codes_masks_and_noise(files):
     pipe = Amused.from_pretrained(files["hub"])
     t = pipe.transformer
@@ -155,6 +189,26 @@ def test_full_run_learns_and_writes_a_one_step_pipeline(files, capsys):
     assert any(not torch.equal(fake[k], teacher[k]) for k in fake)  # the auxiliary model learnt too
     with safe_open(str(out / distill.MODEL_FILE), "pt") as f:
         assert json.loads(f.metadata()["sampling_defaults"]) == distill.STUDENT_DEFAULTS
+
+
+def test_the_reference_options_change_the_run_and_the_students_defaults(files):
+    """true_temp, adaptive_cfg, alpha_fake and gen_temp each change what the student learns (the same seed
+    otherwise); the student's file carries the temperature it was trained to draw at."""
+    if not (files["root"] / "full" / distill.MODEL_FILE).is_file():
+        run(files, "full")
+    plain = transformer_of(files["root"] / "full" / distill.MODEL_FILE)
+    options = dict(teacher_temperature=0.5, adaptive_guidance=True, auxiliary_soft=1.0, student_temperature=0.5)
+    for name, value in options.items():
+        assert run(files, f"option-{name}", **{name: value}) == 3
+        out = files["root"] / f"option-{name}" / distill.MODEL_FILE
+        other = transformer_of(out)
+        assert any(not torch.equal(plain[k], other[k]) for k in plain), name
+        with safe_open(str(out), "pt") as f:
+            defaults = json.loads(f.metadata()["sampling_defaults"])
+        assert defaults == (dict(distill.STUDENT_DEFAULTS, softmax_temperature=0.5)
+                            if name == "student_temperature" else distill.STUDENT_DEFAULTS)
+    with pytest.raises(distill.UsageError, match="--teacher-temperature and --student-temperature must be > 0"):
+        run(files, "bad", teacher_temperature=0.0)
 
 
 def test_student_gradient_is_clipped_in_bf16_only(files, monkeypatch):
