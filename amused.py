@@ -199,6 +199,8 @@ class Amused:
         self.lora_originals: dict[str, torch.Tensor] = {}  # load_lora's: the merged layers' own weights (CPU)
         # what the checkpoint recommends passing to the three methods (convert_weights.check_sampling_defaults)
         self.sampling_defaults: dict = dict(ckpt.sampling_defaults)
+        # a one-step student's start codes' logits (h, w, K), for sampler="dimo" (sampling.dimo_start); else None
+        self.start_logits = None if ckpt.start_logits is None else ckpt.start_logits.to(device)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype: torch.dtype | str = torch.float32, variant: str | None = None,
@@ -261,11 +263,12 @@ class Amused:
 
         guidance_scale <= 1 turns guidance off: one U-ViT pass per step instead of two. sampler and the keywords
         after it choose how tokens are drawn (sampling.Sampler); the defaults are the reference's: sampler
-        "confidence" (MaskGIT's), "halton", or "dimo" (a distill.py student's start: random codes, partly masked,
-        their embeddings noised, every token drawn at the first step; from an image's tokens, in img2img and
-        inpainting, it is the confidence sampler); guidance_schedule "constant", "ramp" or "interval" (unguided before
-        guidance_from x steps: fewer U-ViT passes); mask_schedule None (the mode's), "cosine", "linear" or
-        "arccos"; softmax_temperature of the draws (a pair ramps from the first step to the last); halton_roll.
+        "confidence" (MaskGIT's), "halton", or "dimo" (a distill.py student's start: random codes, uniform and
+        partly masked or from the file's start_logits, their embeddings noised, every token drawn at the first
+        step; from an image's tokens, in img2img and inpainting, it is the confidence sampler); guidance_schedule
+        "constant", "ramp" or "interval" (unguided before guidance_from x steps: fewer U-ViT passes);
+        mask_schedule None (the mode's), "cosine", "linear" or "arccos"; softmax_temperature of the draws (a pair
+        ramps from the first step to the last); halton_roll.
         temperature is the confidence sampler's Gumbel temperature. The checkpoint may recommend other values
         for these keywords: pipe.sampling_defaults."""
         generator = self._generator(generator, seed)
@@ -369,7 +372,7 @@ class Amused:
         return generate(self.transformer, conds, tokens, mask_id=self.mask_id, steps=steps, start=start,
                         guidance_scale=guidance_scale, temperatures=temperature_schedule(temperature, steps),
                         schedule=schedule, starting_mask_ratio=starting_mask_ratio, generator=generator,
-                        sampler=how, callback=callback, step_fn=self.step_fn)
+                        sampler=how, start_logits=self.start_logits, callback=callback, step_fn=self.step_fn)
 
     @staticmethod
     def _sampler(name, guidance_schedule, guidance_from, mask_schedule, softmax_temperature, halton_roll) -> Sampler:

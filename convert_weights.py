@@ -76,6 +76,7 @@ TOKENIZER_PREFIX = "tokenizer/"  # metadata keys of the tokenizer files in a con
 # A converted file may recommend how to sample it: this metadata key holds JSON of pipeline keywords, e.g.
 # {"steps": 12, "guidance_scale": 4.0}. Allowed: the sampling keywords of Amused.__call__ (how to draw, not what).
 SAMPLING_DEFAULTS_KEY = "sampling_defaults"
+START_LOGITS_KEY = "dimo.start_logits"  # Checkpoint.start_logits, in a converted file
 SAMPLING_KEYS = ("steps", "guidance_scale", "temperature", "sampler", "guidance_schedule", "guidance_from",
                  "mask_schedule", "softmax_temperature", "halton_roll")
 
@@ -91,6 +92,8 @@ class Checkpoint:
     masking_schedule: str       # "cosine" for the official models
     # the pipeline keywords the file recommends (check_sampling_defaults); none in a hub folder
     sampling_defaults: dict = dataclasses.field(default_factory=dict)
+    # a one-step student's start codes' logits (h, w, K) (sampling.dimo_start), from `distill.py --start prior`
+    start_logits: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -438,13 +441,18 @@ def load_converted(path, dtype: torch.dtype | None = None, int8: bool = False) -
         prefix = comp.name + "."
         part = {k[len(prefix):]: sd.pop(k) for k in list(sd) if k.startswith(prefix)}
         models[comp.name] = build(dataclasses.replace(comp, ignored={}), cfg, part, path)
+    start_logits = sd.pop(START_LOGITS_KEY, None)
+    if start_logits is not None and (start_logits.dim() != 3
+                                     or start_logits.shape[-1] != configs["transformer"].codebook_size):
+        raise CheckpointError(f"{path}: {START_LOGITS_KEY} must be (h, w, codebook size "
+                              f"{configs['transformer'].codebook_size}), got {tuple(start_logits.shape)}")
     if sd:
         raise CheckpointError(f"{path}: unknown tensors {sorted(sd)[:5]}")
     tokenizer = clip_text.CLIPTokenizer(
         {name: meta.get(TOKENIZER_PREFIX + name, "") for name in clip_text.TOKENIZER_FILES}, source=path)
     mask_id, schedule = scheduler_settings(json.loads(meta.get("scheduler.config", "{}")), path)
     ckpt = Checkpoint(tokenizer, **models, mask_token_id=mask_id, masking_schedule=schedule,
-                      sampling_defaults=sampling_defaults)
+                      sampling_defaults=sampling_defaults, start_logits=start_logits)
     check_components(ckpt, path)
     return ckpt
 

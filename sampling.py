@@ -19,7 +19,8 @@ model: examples/digits_samplers.py):
     instead of two;
   - the arccos masking schedule (MaskGIT's best) and a softmax temperature ramp for the categorical draws;
   - sampler="dimo": the start of a one-step generator distilled by distill.py (Zhu et al., ICCV 2025): random codes
-    partly masked, their embeddings perturbed, every position drawn at the first step (dimo_start).
+    (uniform and partly masked, or from the teacher's prior), their embeddings perturbed, every position drawn at
+    the first step (dimo_start).
 
 Each step draws its random numbers first (draw_step_noise), with the explicit generator; what follows
 (sampling_step) is deterministic and sync-free, so that torch.compile captures it whole (speed.compile_step).
@@ -191,24 +192,43 @@ DIMO_START_MASKED, DIMO_EMBEDDING_NOISE = 0.5, 0.3
 
 
 def dimo_start(B: int, h: int, w: int, transformer: uvit.UViT, mask_id: int, generator, device: torch.device,
-               start_masked: float = DIMO_START_MASKED, embedding_noise: float = DIMO_EMBEDDING_NOISE):
+               start_logits: torch.Tensor | None = None, embedding_noise: float = DIMO_EMBEDDING_NOISE):
     """The input a Di[M]O student maps to an image in one pass -> (tokens (B, h, w), the embedding noise for
-    UViT.forward, or None at 0). Every token a uniformly random code; round(L * start_masked) of them (at least
-    one), at uniformly random places, masked; the embedded tokens perturbed by standard normal noise. The random
-    codes and the noise are where the image's randomness comes from: a one-step draw from an all-masked grid
-    samples every token independently and cannot make a coherent image.
+    UViT.forward, or None at 0). The random codes and the noise are where the image's randomness comes from: a
+    one-step draw from an all-masked grid samples every token independently and cannot make a coherent image.
+
+    start_logits None, the paper's start: every token a uniformly random code, round(L * DIMO_START_MASKED) of them
+    (at least one), at uniformly random places, masked. start_logits (h0, w0, K), a student distilled with
+    `distill.py --start prior` (its file carries them): each code drawn from the softmax of its position's logits
+    (the teacher's guess for an all-masked grid), none masked. Then the embedded tokens perturbed by standard normal
+    noise.
 
     Draws, in order, on the generator's device (per image with a list of generators): uniforms (B, L) -> the codes,
     uniforms (B, L) whose argsort places the masks, normals (B, C, h, w). Follows generate_one_step of the reference's
     train_DIMO_*.py (randint codes, a fixed count of masks placed by argsort(rand)), drawn from our generator."""
     L, K = h * w, transformer.cfg.codebook_size
-    codes = (uniform((B, L), generator, device) * K).long().clamp(max=K - 1)
-    n_masked = max(1, round(L * start_masked))
+    u = uniform((B, L), generator, device)
+    if start_logits is None:
+        codes, n_masked = (u * K).long().clamp(max=K - 1), max(1, round(L * DIMO_START_MASKED))
+    else:
+        cdf = start_distribution(start_logits, h, w).cumsum(-1)  # (L, K)
+        # inverse CDF: the first code whose cumulative probability passes u (clamped: the last sum may round < 1)
+        codes, n_masked = torch.searchsorted(cdf, u.T.contiguous(), right=True).T.clamp(max=K - 1), 0
     masked = uniform((B, L), generator, device).argsort(dim=-1) < n_masked
     tokens = torch.where(masked, mask_id, codes).view(B, h, w)
     noise = uniform((B, transformer.cfg.block_out_channels, h, w), generator, device, torch.randn)
     noise = noise.to(transformer.embed.conv.weight.dtype)  # the embeddings' dtype: bf16 stays bf16
     return tokens, (embedding_noise, noise) if embedding_noise > 0 else None
+
+
+def start_distribution(start_logits: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """start_logits (h0, w0, K) -> the start codes' probabilities (h * w, K), float32. At another grid than the
+    student was distilled at, the nearest position's: the layout stretched to the new size."""
+    logits = start_logits.float()
+    if logits.shape[:2] != (h, w):
+        logits = torch.nn.functional.interpolate(logits.permute(2, 0, 1)[None], size=(h, w), mode="nearest")
+        logits = logits[0].permute(1, 2, 0)
+    return logits.reshape(h * w, -1).softmax(-1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -438,7 +458,8 @@ def step_plans(sampler: Sampler, tokens: torch.Tensor, mask_id: int, steps: int,
 def generate(transformer: uvit.UViT, conds: uvit.Conditions, tokens: torch.Tensor, *, mask_id: int, steps: int,
              start: int = 0, guidance_scale: float = 10.0, temperatures: torch.Tensor, schedule: str = "cosine",
              starting_mask_ratio: float | torch.Tensor = 1.0, generator: Generators = None,
-             sampler: Sampler = Sampler(), callback=None, step_fn=sampling_step) -> torch.Tensor:
+             sampler: Sampler = Sampler(), start_logits: torch.Tensor | None = None, callback=None,
+             step_fn=sampling_step) -> torch.Tensor:
     """Steps start..steps-1 of a `steps`-step schedule on tokens (B, h, w), mask_id where masked -> the final
     tokens (B, h, w), none masked. Text to image starts at 0 from an all-masked grid; image to image and
     inpainting start later, from an image's tokens with some masked. The dimo sampler replaces an all-masked start
@@ -446,7 +467,8 @@ def generate(transformer: uvit.UViT, conds: uvit.Conditions, tokens: torch.Tenso
 
     conds: the U-ViT's conditions for [negative prompts; prompts] (2B) when any step is guided, else for the
     prompts (B). temperatures: (steps,), the Gumbel temperature of each step (confidence sampler). schedule: the
-    masking schedule, unless sampler.mask_schedule says another. callback(step, tokens) after every step.
+    masking schedule, unless sampler.mask_schedule says another. start_logits: the dimo start's code distribution
+    (dimo_start), None for the paper's. callback(step, tokens) after every step.
     step_fn: sampling_step, or the same compiled (speed.compile_step).
     """
     B, h, w = tokens.shape
@@ -469,7 +491,7 @@ def generate(transformer: uvit.UViT, conds: uvit.Conditions, tokens: torch.Tenso
     choose = [halton_step if halton else unmask_step] * steps
     embedding_noise = None
     if sampler.name == "dimo" and start == 0:
-        tokens, embedding_noise = dimo_start(B, h, w, transformer, mask_id, generator, tokens.device)
+        tokens, embedding_noise = dimo_start(B, h, w, transformer, mask_id, generator, tokens.device, start_logits)
         choose[0] = dimo_first_step
     finite = torch.ones((), dtype=torch.bool, device=tokens.device)  # read once, after the loop
     for step in range(start, steps):

@@ -103,6 +103,7 @@ from amused import Amused
 from cli import UsageError, atomic_write
 from convert_weights import (
     COMPONENTS,
+    START_LOGITS_KEY,
     Checkpoint,
     CheckpointError,
     check_components,
@@ -522,9 +523,12 @@ def load_state(path: Path, state: TrainingState, settings: ResumeSettings, devic
 
 def save_model(path: Path, pipe: Amused) -> None:
     """The whole pipeline as one file in convert_weights.py's format, which Amused.from_pretrained loads, with the
-    pipeline's sampling_defaults: a fine-tune keeps its base checkpoint's recommendation."""
+    pipeline's sampling_defaults (and a one-step student's start_logits): a fine-tune keeps its base checkpoint's
+    recommendation."""
     tensors = {f"{name}.{k}": t.detach().to("cpu").contiguous()
                for name in COMPONENTS for k, t in getattr(pipe, name).state_dict().items()}
+    if pipe.start_logits is not None:  # a one-step student's start (distill.py --start prior)
+        tensors[START_LOGITS_KEY] = pipe.start_logits.detach().to("cpu").contiguous()
     configs = {name: getattr(pipe, name).cfg for name in COMPONENTS}
     save_single_file(path, tensors, single_file_metadata(configs, pipe.tokenizer.files, pipe.mask_id, pipe.schedule,
                                                          pipe.sampling_defaults))

@@ -21,7 +21,8 @@ import distill  # noqa: E402
 import playground  # noqa: E402
 import sampling  # noqa: E402
 from amused import Amused  # noqa: E402
-from convert_weights import load_checkpoint  # noqa: E402
+import train  # noqa: E402
+from convert_weights import CheckpointError, load_checkpoint  # noqa: E402
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 PROMPTS = ["a photo of a cat", "a photo of a dog", "a red house"]
@@ -149,6 +150,39 @@ def test_dimo_start_draws_codes_masks_and_noise(files):
     assert torch.equal(batch[0][1], alone[0][0]) and torch.equal(batch[1][1][1], alone[1][1][0])
 
 
+def test_dimo_start_from_logits_draws_each_positions_codes_none_masked(files):
+    """--start prior's start: the codes at each position follow the softmax of its logits (frequencies over many
+    images against the probabilities, independent of the inverse-CDF draw), none masked; the random draws are the
+    uniform start's, in the same order (the embedding noise is the same numbers)."""
+    pipe = Amused.from_pretrained(files["hub"])
+    t = pipe.transformer
+    K, s = t.cfg.codebook_size, t.cfg.sample_size
+    probs = torch.zeros(s, s, K)
+    probs[..., 3], probs[..., 5] = 0.25, 0.75  # every position: code 3 or 5
+    probs[0, 0] = 0.0
+    probs[0, 0, K - 1] = 1.0  # one position sure of the last code (the clamp of the inverse CDF's top end)
+    B = 4000
+    tokens, (_, noise) = sampling.dimo_start(B, s, s, t, pipe.mask_id, torch.Generator().manual_seed(2), "cpu",
+                                             probs.log())
+    assert not (tokens == pipe.mask_id).any()
+    assert (tokens[:, 0, 0] == K - 1).all()
+    rest = tokens.view(B, -1)[:, 1:]
+    assert set(rest.unique().tolist()) == {3, 5}
+    share = (rest == 5).float().mean(0)  # (L - 1,) per position: binomial, std sqrt(.25 * .75 / 4000) = 0.007
+    assert (share - 0.75).abs().max() < 0.04
+    _, (_, uniform_noise) = sampling.dimo_start(B, s, s, t, pipe.mask_id, torch.Generator().manual_seed(2), "cpu")
+    assert torch.equal(noise, uniform_noise)
+
+
+def test_start_distribution_stretches_the_layout_to_another_grid():
+    logits = torch.randn(2, 3, 7)
+    probs = sampling.start_distribution(logits, 4, 6).view(4, 6, 7)
+    expected = logits.softmax(-1).repeat_interleave(2, 0).repeat_interleave(2, 1)  # nearest: each cell 2 x 2
+    assert_nontrivial("probabilities", probs)
+    torch.testing.assert_close(probs, expected)
+    torch.testing.assert_close(sampling.start_distribution(logits, 2, 3), logits.softmax(-1).view(6, 7))
+
+
 def test_dimo_sampler_is_one_pass_with_the_noise_at_the_first_step_only(files, monkeypatch):
     pipe = Amused.from_pretrained(files["hub"])
     calls = []
@@ -209,6 +243,47 @@ def test_the_reference_options_change_the_run_and_the_students_defaults(files):
                             if name == "student_temperature" else distill.STUDENT_DEFAULTS)
     with pytest.raises(distill.UsageError, match="--teacher-temperature and --student-temperature must be > 0"):
         run(files, "bad", teacher_temperature=0.0)
+
+
+def test_prior_start_travels_in_the_students_file_and_the_sampler_draws_from_it(files, monkeypatch, tmp_path):
+    """--start prior: the file carries the teacher's logits for an all-masked grid and the empty prompt (computed
+    here through the teacher's pipeline itself), the student learns from that start (it differs from the uniform
+    start's student), the pipeline loads them, and sampler "dimo" draws its first input from them."""
+    assert run(files, "prior", start="prior") == 3
+    out = files["root"] / "prior" / distill.MODEL_FILE
+    teacher = Amused.from_pretrained(files["hub"])
+    s = teacher.transformer.cfg.sample_size
+    conds = teacher.conditions([""], None, 1, False, (teacher.resolution,) * 2, 6.0, (0, 0))
+    expected = teacher.transformer(torch.full((1, s, s), teacher.mask_id), conds)[0].permute(1, 2, 0)
+    student = Amused.from_pretrained(str(out))
+    assert_nontrivial("start logits", student.start_logits)
+    torch.testing.assert_close(student.start_logits, expected, atol=0, rtol=0)  # the same float32 computation
+    if not (files["root"] / "full" / distill.MODEL_FILE).is_file():
+        run(files, "full")
+    plain = transformer_of(files["root"] / "full" / distill.MODEL_FILE)
+    prior = transformer_of(out)
+    assert any(not torch.equal(plain[k], prior[k]) for k in plain)
+    assert Amused.from_pretrained(files["root"] / "full" / distill.MODEL_FILE).start_logits is None
+    # the sampler's start: a file whose logits are sure of one code per position gives exactly those codes
+    sure = torch.full_like(student.start_logits, -1e4)
+    codes = torch.arange(s * s).view(s, s) % sure.shape[-1]
+    sure.scatter_(-1, codes[..., None], 0.0)
+    student.start_logits = sure
+    seen = []
+    forward = student.transformer.forward
+    monkeypatch.setattr(student.transformer, "forward",
+                        lambda ids, conds, noise=None: seen.append(ids.clone()) or forward(ids, conds, noise))
+    student(PROMPTS[:2], **student.sampling_defaults, output_type="tokens", seed=0)
+    assert len(seen) == 1 and torch.equal(seen[0], codes.expand(2, s, s))
+    # saved and read back by train.save_model / load_checkpoint; a file with malformed logits names the problem
+    train.save_model(tmp_path / "sure.safetensors", student)
+    assert torch.equal(Amused.from_pretrained(tmp_path / "sure.safetensors").start_logits, sure)
+    student.start_logits = sure[..., :5]
+    train.save_model(tmp_path / "bad.safetensors", student)
+    with pytest.raises(CheckpointError, match="dimo.start_logits must be .h, w, codebook size"):
+        Amused.from_pretrained(tmp_path / "bad.safetensors")
+    with pytest.raises(distill.UsageError, match="--start must be one of uniform, prior"):
+        run(files, "bad", start="gaussian")
 
 
 def test_student_gradient_is_clipped_in_bf16_only(files, monkeypatch):
