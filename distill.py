@@ -290,10 +290,11 @@ def micro_conditions(pipe: Amused, dtype: torch.dtype, B: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_start_logits(teacher: uvit.UViT, pipe: Amused, empty: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """--start prior: the teacher's logits (h, w, K) for an all-masked grid and the empty prompt: at each position,
-    the codes it expects before it has seen anything. The student's start codes are drawn from them
-    (sampling.dimo_start) instead of uniformly, and its file carries them for the sampler."""
+def teacher_start_logits(pipe: Amused, empty: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """--start prior: the teacher's (pipe's U-ViT's) logits (h, w, K) for an all-masked grid and the empty prompt
+    (empty: its encoding): at each position, the codes it expects before it has seen anything. The student's start
+    codes are drawn from them (sampling.dimo_start) instead of uniformly, and its file carries them for the sampler."""
+    teacher = pipe.transformer
     size = teacher.cfg.sample_size
     ids = torch.full((1, size, size), pipe.mask_id, device=pipe.device)
     logits = teacher(ids, teacher.encode_conditions(*empty, micro_conditions(pipe, empty[0].dtype, 1)))  # (1, K, h, w)
@@ -529,7 +530,7 @@ def main(teacher: str, out: str, prompts: str | None = None, prompt: str | None 
         student_model = train.training_model(student_raw, gradient_checkpointing, dev, world)
         fake_model = train.training_model(fake_raw, gradient_checkpointing, dev, world)
         empty = pipe.encode_prompt([""])  # the teacher's negative prompt, (1, 77, D) and (1, P)
-        start_logits = teacher_start_logits(t, pipe, empty) if start == "prior" else None
+        start_logits = teacher_start_logits(pipe, empty) if start == "prior" else None
         models = Models(t, student_model, fake_model, student_raw, fake_raw, start_logits)
 
         def scaler():  # fp16 loss scaling, one per optimizer; a disabled one (a no-op) otherwise
@@ -555,7 +556,7 @@ def main(teacher: str, out: str, prompts: str | None = None, prompt: str | None 
                         f"temperature {teacher_temperature:g}"),
             "divergence": f"{1 - divergence:g} forward KL + {divergence:g} reverse KL",
             "auxiliary": f"learns the student's draws x {1 - auxiliary_soft:g} + its softmax x {auxiliary_soft:g}",
-            "student": (f"starts from {STARTS_SAID[start]}, draws at softmax temperature {student_temperature:g}"),
+            "student": f"starts from {STARTS_SAID[start]}, draws at softmax temperature {student_temperature:g}",
             "mode": (f"LoRA rank {lora_rank}, alpha {lora_alpha:g} on {len(student_params) // 2} layers "
                      f"({', '.join(targets)}), student and auxiliary on the teacher's weights" if lora
                      else "full: the student and the auxiliary model are copies of the teacher"),
